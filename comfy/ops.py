@@ -1,0 +1,149 @@
+"""Operation classes a model is built with (mirrors upstream ``comfy/ops.py``).
+
+``disable_weight_init`` skips torch's random init (weights come from a file), ``manual_cast`` casts
+weights to the input's dtype at call time, and ``mixed_precision_ops`` builds the class whose
+``Linear`` loads per-layer quantized weights (``comfy_quant`` metadata) and runs them through
+comfy-kitchen. Everything int4-specific lives in ``comfy.quant``; this module only routes to it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from comfy.quant import layer as int4_layer
+
+logger = logging.getLogger(__name__)
+
+
+def cast_to(tensor, dtype=None, device=None):
+    if tensor is None:
+        return None
+    if (dtype is None or tensor.dtype == dtype) and (device is None or tensor.device == device):
+        return tensor
+    return tensor.to(device=device, dtype=dtype)
+
+
+def cast_bias_weight(module, input=None, dtype=None, device=None):
+    if input is not None:
+        dtype = input.dtype if dtype is None else dtype
+        device = input.device if device is None else device
+    weight = cast_to(module.weight, dtype, device)
+    bias = cast_to(module.bias, dtype, device)
+    return weight, bias
+
+
+class CastWeightBiasOp:
+    comfy_cast_weights = False
+
+
+class disable_weight_init:
+    class Linear(torch.nn.Linear, CastWeightBiasOp):
+        def reset_parameters(self):
+            return None
+
+        def forward_comfy_cast_weights(self, input):
+            weight, bias = cast_bias_weight(self, input)
+            return torch.nn.functional.linear(input, weight, bias)
+
+        def forward(self, input):
+            if self.comfy_cast_weights:
+                out = self.forward_comfy_cast_weights(input)
+            else:
+                out = super().forward(input)
+            return int4_layer.add_output_deltas(self, input, out)
+
+    class LayerNorm(torch.nn.LayerNorm, CastWeightBiasOp):
+        def reset_parameters(self):
+            return None
+
+        def forward(self, input):
+            if self.weight is None:
+                return torch.nn.functional.layer_norm(input, self.normalized_shape, None, None, self.eps)
+            weight, bias = cast_bias_weight(self, input)
+            return torch.nn.functional.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
+
+    class RMSNorm(torch.nn.Module, CastWeightBiasOp):
+        def __init__(self, normalized_shape, eps=1e-6, elementwise_affine=True, device=None, dtype=None):
+            super().__init__()
+            if isinstance(normalized_shape, int):
+                normalized_shape = (normalized_shape,)
+            self.normalized_shape = tuple(normalized_shape)
+            self.eps = eps
+            if elementwise_affine:
+                self.weight = torch.nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+            else:
+                self.register_parameter("weight", None)
+            self.bias = None
+
+        def forward(self, input):
+            weight = cast_to(self.weight, input.dtype, input.device)
+            return torch.nn.functional.rms_norm(input, self.normalized_shape, weight, self.eps)
+
+    class Embedding(torch.nn.Embedding, CastWeightBiasOp):
+        def reset_parameters(self):
+            return None
+
+        def forward(self, input, out_dtype=None):
+            out = super().forward(input)
+            return out if out_dtype is None else out.to(out_dtype)
+
+
+class manual_cast(disable_weight_init):
+    class Linear(disable_weight_init.Linear):
+        comfy_cast_weights = True
+
+    class LayerNorm(disable_weight_init.LayerNorm):
+        comfy_cast_weights = True
+
+    class RMSNorm(disable_weight_init.RMSNorm):
+        comfy_cast_weights = True
+
+    class Embedding(disable_weight_init.Embedding):
+        comfy_cast_weights = True
+
+
+def run_linear_group(input, modules):
+    """Apply several linears to the same input: ``tuple(m(input) for m in modules)``.
+
+    Models call this where sibling projections read one activation (q/k/v). When the siblings hold
+    int4 weights whose format can share the activation quantization, the format runs them together.
+    """
+    return int4_layer.run_linear_group(input, modules)
+
+
+def mixed_precision_ops(quant_config=None, compute_dtype=torch.bfloat16, full_precision_mm=False, disabled=()):
+    """The ops class for a file that carries per-layer ``comfy_quant`` metadata."""
+
+    class MixedPrecisionOps(manual_cast):
+        _quant_config = quant_config or {}
+        _compute_dtype = compute_dtype
+
+        class Linear(int4_layer.QuantizedLinearMixin, torch.nn.Module, CastWeightBiasOp):
+            comfy_cast_weights = True
+            _compute_dtype = compute_dtype
+
+            def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+                super().__init__()
+                self.in_features = in_features
+                self.out_features = out_features
+                self.factory_kwargs = {"device": device, "dtype": dtype}
+                self.weight = None
+                if bias:
+                    self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
+                                                   requires_grad=False)
+                else:
+                    self.register_parameter("bias", None)
+
+    return MixedPrecisionOps
+
+
+def pick_operations(weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False,
+                    fp8_optimizations=False, model_config=None):
+    quant_config = getattr(model_config, "quant_config", None) if model_config is not None else None
+    if quant_config is not None:
+        logger.info("Using mixed precision operations: file carries quantized layers")
+        return mixed_precision_ops(quant_config, compute_dtype)
+    if weight_dtype is None or weight_dtype == compute_dtype:
+        return disable_weight_init
+    return manual_cast

@@ -1,0 +1,74 @@
+"""AWQ W4A16: unsigned int4 weight with per-group float scales and zero points, float activations.
+
+Used for the AdaLN modulation linears (a few rows per call). A LoRA becomes an additive low-rank
+term on the output, computed on the same input the layer sees.
+"""
+from __future__ import annotations
+
+import torch
+
+from comfy.quant import deltas as D
+from comfy.quant import kitchen
+from comfy.quant.errors import QuantizedLayerError
+from comfy.quant.formats.base import QuantFormat, TensorSlot
+
+DEFAULT_GROUP_SIZE = 64
+
+
+class AWQW4A16(QuantFormat):
+    name = "awq_w4a16"
+    layout = kitchen.AWQ_LAYOUT
+    slots = (
+        TensorSlot("weight", packed=True),
+        TensorSlot("weight_scale"),
+        TensorSlot("weight_zeros", ("weight_zero",)),
+    )
+
+    def parse_config(self, conf: dict, layer: str) -> dict:
+        group = conf.get("group_size", DEFAULT_GROUP_SIZE)
+        if not isinstance(group, int) or isinstance(group, bool) or group <= 0 or group % 2:
+            raise QuantizedLayerError(layer, "comfy_quant.group_size", "a positive even integer", repr(group))
+        return {"format": self.name, "group_size": group}
+
+    def config_json(self, qt) -> dict:
+        return {"format": self.name, "group_size": int(qt._params.group_size)}
+
+    def expected_shapes(self, out_features, in_features, conf, tensors):
+        n, k, g = out_features, in_features, conf["group_size"]
+        return {"weight": (n, k // 2), "weight_scale": (k // g, n), "weight_zeros": (k // g, n)}
+
+    def validate(self, layer, tensors, out_features, in_features, conf):
+        if in_features % conf["group_size"]:
+            raise QuantizedLayerError(layer, "weight", f"in_features a multiple of group_size {conf['group_size']}",
+                                      in_features)
+        super().validate(layer, tensors, out_features, in_features, conf)
+
+    def build(self, tensors, conf, out_features, in_features, compute_dtype, device=None):
+        def side(key):
+            return tensors[key].to(device=device, dtype=compute_dtype).contiguous()
+
+        params = kitchen.layout_class(self.layout).Params(
+            scale=side("weight_scale"),
+            orig_dtype=compute_dtype,
+            orig_shape=(out_features, in_features),
+            zeros=side("weight_zeros"),
+            group_size=conf["group_size"],
+        )
+        qdata = tensors["weight"].view(torch.int8).to(device=device).contiguous()
+        return kitchen.QuantizedTensor(qdata, self.layout, params)
+
+    def state_dict(self, qt):
+        p = qt._params
+        return {"weight": qt._qdata, "weight_scale": p.scale, "weight_zeros": p.zeros}
+
+    def apply_deltas(self, members):
+        for module, deltas in members:
+            n, k = module.weight.shape
+            dev, dt = module.weight._qdata.device, module.weight.dtype
+            low = D.stacked_factors(deltas, n, k)
+            if low is not None:
+                module.add_output_term(D.LowRankOutput(low[0].to(device=dev, dtype=dt),
+                                                       low[1].to(device=dev, dtype=dt)))
+            dense = D.summed_dense(deltas, n, k)
+            if dense is not None:
+                module.add_output_term(D.DenseOutput(dense.to(device=dev, dtype=dt)))

@@ -1,0 +1,149 @@
+"""SVDQuant W4A4: signed int4 residual weight, int4 activations, a float low-rank branch on raw x.
+
+A LoRA is appended to the low-rank branch (``proj_down ← [proj_down | Aᵀ]``, ``proj_up ← [proj_up | s·B]``),
+which adds exactly ``s·(x Aᵀ) Bᵀ`` with no extra kernel. Siblings sharing one activation quantization
+(q/k/v) get the same stacked ``proj_down`` and zero-padded ``proj_up`` columns, so sharing survives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+
+import torch
+
+from comfy.quant import deltas as D
+from comfy.quant import kitchen
+from comfy.quant.errors import QuantizedLayerError
+from comfy.quant.formats.base import QuantFormat, TensorSlot
+
+logger = logging.getLogger(__name__)
+
+GROUP_SIZE = 64
+UNSIGNED_SHIFT = 0.171875
+# Layers fed by a GELU: their main path runs unsigned (x + 0.171875). Used only when the JSON is silent.
+POST_GELU_LAYERS = re.compile(r"(^|\.)((img|txt)_mlp\.net\.2|(img|txt)_mlp\.2|mlp_fc2|mlp_context_fc2)$")
+# A dense (LoHa/LoKr) delta becomes extra rank when this few singular vectors reproduce it this well.
+DENSE_MAX_RANK = 128
+DENSE_REL_TOL = 1e-3
+
+
+class SVDQuantW4A4(QuantFormat):
+    name = "svdquant_w4a4"
+    layout = kitchen.SVDQUANT_LAYOUT
+    slots = (
+        TensorSlot("weight", packed=True),
+        TensorSlot("weight_scale"),
+        TensorSlot("weight_proj_down", ("proj_down",)),
+        TensorSlot("weight_proj_up", ("proj_up",)),
+        TensorSlot("weight_smooth_factor", ("smooth_factor",)),
+    )
+
+    def parse_config(self, conf: dict, layer: str) -> dict:
+        group = conf.get("group_size", GROUP_SIZE)
+        if group != GROUP_SIZE:
+            raise QuantizedLayerError(layer, "comfy_quant.group_size", GROUP_SIZE, group)
+        rank = conf.get("rank")
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+            raise QuantizedLayerError(layer, "comfy_quant.rank", "a non-negative integer", repr(rank))
+        if "act_unsigned" in conf:
+            act_unsigned = conf["act_unsigned"]
+            if not isinstance(act_unsigned, bool):
+                raise QuantizedLayerError(layer, "comfy_quant.act_unsigned", "true or false", repr(act_unsigned))
+        else:
+            act_unsigned = bool(POST_GELU_LAYERS.search(layer))
+            if act_unsigned:
+                logger.info("%s: comfy_quant has no act_unsigned; assuming true for a post-GELU layer", layer)
+        return {"format": self.name, "group_size": GROUP_SIZE, "rank": rank, "act_unsigned": act_unsigned}
+
+    def config_json(self, qt) -> dict:
+        p = qt._params
+        return {"format": self.name, "group_size": GROUP_SIZE, "rank": int(p.proj_down.shape[1]),
+                "act_unsigned": bool(p.act_unsigned)}
+
+    def expected_shapes(self, out_features, in_features, conf, tensors):
+        n, k = out_features, in_features
+        layer_rank = tensors["weight_proj_down"].shape[-1] if tensors["weight_proj_down"].dim() == 2 else -1
+        rank = conf["rank"] if conf.get("rank") is not None else layer_rank
+        return {
+            "weight": (n, k // 2),
+            "weight_scale": (k // GROUP_SIZE, n),
+            "weight_proj_down": (k, rank),
+            "weight_proj_up": (n, rank),
+            "weight_smooth_factor": (k,),
+        }
+
+    def validate(self, layer, tensors, out_features, in_features, conf):
+        if in_features % GROUP_SIZE:
+            raise QuantizedLayerError(layer, "weight", f"in_features a multiple of {GROUP_SIZE}", in_features)
+        super().validate(layer, tensors, out_features, in_features, conf)
+
+    def build(self, tensors, conf, out_features, in_features, compute_dtype, device=None):
+        def side(key):
+            return tensors[key].to(device=device, dtype=compute_dtype).contiguous()
+
+        params = kitchen.layout_class(self.layout).Params(
+            scale=side("weight_scale"),
+            orig_dtype=compute_dtype,
+            orig_shape=(out_features, in_features),
+            proj_down=side("weight_proj_down"),
+            proj_up=side("weight_proj_up"),
+            smooth_factor=side("weight_smooth_factor"),
+            act_unsigned=conf["act_unsigned"],
+        )
+        qdata = tensors["weight"].view(torch.int8).to(device=device).contiguous()
+        return kitchen.QuantizedTensor(qdata, self.layout, params)
+
+    def state_dict(self, qt):
+        p = qt._params
+        return {"weight": qt._qdata, "weight_scale": p.scale, "weight_proj_down": p.proj_down,
+                "weight_proj_up": p.proj_up, "weight_smooth_factor": p.smooth_factor}
+
+    def share_key(self, qt):
+        p = qt._params
+        return (self.name, p.smooth_factor.data_ptr(), p.proj_down.data_ptr(), bool(p.act_unsigned))
+
+    def grouped_forward(self, x, weights, biases):
+        return kitchen.kitchen_tensor.svdquant_w4a4_grouped_linear(x, weights, biases)
+
+    def tie(self, weights):
+        """Rebuild ``weights`` so equal ``smooth_factor``/``proj_down`` become one tensor (shared quant)."""
+        first = weights[0]._params
+        return [kitchen.QuantizedTensor(w._qdata, self.layout, dataclasses.replace(
+            w._params, smooth_factor=first.smooth_factor, proj_down=first.proj_down)) for w in weights]
+
+    def can_tie(self, weights) -> bool:
+        return kitchen.kitchen_tensor.svdquant_w4a4_can_share_quant(weights, validate=True)
+
+    def apply_deltas(self, members):
+        factors = []  # (member index, up (N_i, r), down (r, K))
+        dense = {}
+        for i, (module, deltas) in enumerate(members):
+            n, k = module.weight.shape
+            for d in deltas:
+                if isinstance(d, D.DenseDelta):
+                    low = D.truncate_to_low_rank(d, module.quant_layer_name, DENSE_MAX_RANK, DENSE_REL_TOL)
+                    if low is None:
+                        dense.setdefault(i, []).append(d)
+                        continue
+                    d = low
+                up, down = d.full_factors(n, k)
+                factors.append((i, up, down))
+        if factors:
+            base = members[0][0].weight._params
+            dev, dt = base.proj_down.device, base.proj_down.dtype
+            downs = torch.cat([down for _, _, down in factors], 0).t().to(device=dev, dtype=dt)
+            proj_down = torch.cat([base.proj_down, downs], 1)
+            for i, (module, _) in enumerate(members):
+                qt = module.weight
+                n = qt.shape[0]
+                ups = [up if j == i else up.new_zeros(n, up.shape[1]) for j, up, _ in factors]
+                proj_up = torch.cat([qt._params.proj_up, torch.cat(ups, 1).to(device=dev, dtype=dt)], 1)
+                params = dataclasses.replace(qt._params, proj_down=proj_down, proj_up=proj_up)
+                module.weight = torch.nn.Parameter(kitchen.QuantizedTensor(qt._qdata, self.layout, params),
+                                                   requires_grad=False)
+        for i, ds in dense.items():
+            module = members[i][0]
+            n, k = module.weight.shape
+            w = D.summed_dense(ds, n, k).to(device=module.weight.device, dtype=module.weight.dtype)
+            module.add_output_term(D.DenseOutput(w))

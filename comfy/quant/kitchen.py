@@ -1,0 +1,53 @@
+"""The one place comfy-kitchen is imported.
+
+Any failure to import it leaves this module (and everything above it) importable, with the int4
+formats reported unavailable; a kitchen build lacking one layout disables only that layout.
+"""
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SVDQUANT_LAYOUT = "TensorCoreSVDQuantW4A4Layout"
+AWQ_LAYOUT = "TensorCoreAWQW4A16Layout"
+
+ck = None
+kitchen_tensor = None
+unavailable_reason = None
+try:
+    import comfy_kitchen as ck
+    import comfy_kitchen.tensor as kitchen_tensor
+except Exception as e:  # any failure (missing wheel, missing 'packaging', broken extension) disables int4
+    ck = None
+    kitchen_tensor = None
+    unavailable_reason = f"{type(e).__name__}: {e}"
+    logger.warning("comfy-kitchen could not be imported (%s); int4 quantized layers are unavailable",
+                   unavailable_reason)
+
+if kitchen_tensor is not None:
+    QuantizedTensor = kitchen_tensor.QuantizedTensor
+else:
+    class QuantizedTensor(torch.Tensor):  # placeholder so isinstance() checks stay valid
+        pass
+
+if ck is not None and torch.version.cuda is not None:
+    try:
+        if int(torch.version.cuda.split(".")[0]) < 13:
+            ck.disable_backend("cuda")
+            logger.info("comfy-kitchen CUDA backend disabled: torch CUDA %s < 13", torch.version.cuda)
+    except Exception as e:
+        logger.warning("could not configure comfy-kitchen backends: %s", e)
+
+
+def layout_class(name: str):
+    """The kitchen layout class registered as ``name``, or None when this kitchen build lacks it."""
+    if kitchen_tensor is None:
+        return None
+    return getattr(kitchen_tensor, name, None)
+
+
+def missing_layout_reason(name: str) -> str:
+    if kitchen_tensor is None:
+        return f"comfy-kitchen is not importable ({unavailable_reason})"
+    return f"this comfy-kitchen build has no {name}"

@@ -1,0 +1,70 @@
+"""File helpers (mirrors upstream ``comfy/utils.py``, the parts on the int4 path)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import safetensors.torch
+import torch
+
+from comfy.quant.formats import decode_config, encode_config
+
+logger = logging.getLogger(__name__)
+
+QUANT_METADATA_KEY = "_quantization_metadata"
+
+
+def load_torch_file(ckpt, safe_load=True, device=None, return_metadata=False):
+    """Load a ``.safetensors`` file (the only format on this path) → ``sd`` or ``(sd, metadata)``."""
+    if device is None:
+        device = torch.device("cpu")
+    if not str(ckpt).lower().endswith((".safetensors", ".sft")):
+        raise ValueError(f"{ckpt}: only safetensors files are supported")
+    with safetensors.safe_open(str(ckpt), framework="pt", device=str(device)) as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata() or {}
+    return (sd, metadata) if return_metadata else sd
+
+
+def save_torch_file(sd, ckpt, metadata=None):
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    safetensors.torch.save_file(sd, str(ckpt), metadata=metadata)
+
+
+def convert_old_quants(state_dict, model_prefix="", metadata=None):
+    """Turn a file-level ``_quantization_metadata`` header into per-layer ``<layer>.comfy_quant`` tensors."""
+    metadata = dict(metadata or {})
+    raw = metadata.pop(QUANT_METADATA_KEY, None)
+    if raw is None:
+        return state_dict, metadata
+    try:
+        header = json.loads(raw) if isinstance(raw, str) else raw
+        layers = header["layers"]
+        if not isinstance(layers, dict):
+            raise TypeError("'layers' is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"file metadata {QUANT_METADATA_KEY}: expected JSON with a 'layers' object, got {e}") from None
+    for layer, conf in layers.items():
+        key = f"{model_prefix}{layer}.comfy_quant"
+        decode_config(json.dumps(conf), layer)  # same checks as a per-layer entry
+        if key in state_dict and decode_config(state_dict[key], layer) != conf:
+            raise ValueError(f"quantized layer '{layer}': comfy_quant: per-layer entry and "
+                             f"{QUANT_METADATA_KEY} disagree")
+        state_dict[key] = encode_config(conf)
+    return state_dict, metadata
+
+
+def detect_layer_quantization(state_dict, prefix=""):
+    for k in state_dict:
+        if k.startswith(prefix) and k.endswith(".comfy_quant"):
+            logger.info("Found per-layer quantization metadata")
+            return {"mixed_ops": True}
+    return None
+
+
+def state_dict_prefix_replace(state_dict, replace_prefix, filter_keys=False):
+    out = {} if filter_keys else state_dict
+    for rp, new in replace_prefix.items():
+        for k in [k for k in state_dict if k.startswith(rp)]:
+            out[new + k[len(rp):]] = state_dict.pop(k)
+    return out

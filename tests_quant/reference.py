@@ -1,0 +1,92 @@
+"""Independent float references for the int4 formats, written from the format spec (not kitchen code).
+
+Every quantized path is compared against these, computed in float64 from the stored tensors.
+"""
+import torch
+
+UNSIGNED_SHIFT = 0.171875
+
+
+def unpack_nibbles(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """(N, K/2) int8 → (N, K) int64 codes; byte j holds column 2j (low nibble) and 2j+1 (high)."""
+    b = packed.to(torch.int64) % 256
+    lo, hi = b % 16, b // 16
+    if signed:
+        lo = torch.where(lo > 7, lo - 16, lo)
+        hi = torch.where(hi > 7, hi - 16, hi)
+    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.int64)
+    out[:, 0::2], out[:, 1::2] = lo, hi
+    return out
+
+
+def svdquant_residual(t: dict) -> torch.Tensor:
+    """Dense residual weight W_res[n, k] = code[n, k] · scale[k // 64, n] (float64)."""
+    codes = unpack_nibbles(t["weight"], signed=True).double()
+    scale = t["weight_scale"].double().t().repeat_interleave(64, dim=1)
+    return codes * scale
+
+
+def quantize_activation(x_main: torch.Tensor, smooth: torch.Tensor, unsigned: bool, dtype: torch.dtype):
+    """Per row, per 64-channel group: scale = absmax/7 (absmax/15 unsigned), round, clamp.
+
+    The division by ``smooth`` and by the scale happen in ``dtype`` (the compute dtype the kernel
+    quantizes in) so that the codes are the ones a kernel in that dtype must produce.
+    """
+    xs = x_main.to(dtype) / smooth.to(dtype)
+    m, k = xs.shape
+    g = xs.view(m, k // 64, 64)
+    qmax, qmin = (15, 0) if unsigned else (7, -7)
+    scale = g.abs().amax(-1).clamp(min=1e-10) / qmax
+    codes = (g / scale.unsqueeze(-1)).round().clamp(qmin, qmax)
+    return (codes.double() * scale.double().unsqueeze(-1)).view(m, k)
+
+
+def svdquant_forward(x, t, act_unsigned, bias=None, dtype=torch.float32):
+    """Reference y for an SVDQuant layer and the elementwise magnitude Σ|terms| used for tolerances."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x_main = x2 + UNSIGNED_SHIFT if act_unsigned else x2
+    a = quantize_activation(x_main, t["weight_smooth_factor"], act_unsigned, dtype)
+    w = svdquant_residual(t)
+    low = (x2.double() @ t["weight_proj_down"].double()) @ t["weight_proj_up"].double().t()
+    y = a @ w.t() + low
+    mag = a.abs() @ w.abs().t() + low.abs()
+    if bias is not None:
+        y = y + bias.double()
+        mag = mag + bias.double().abs()
+    shape = (*x.shape[:-1], y.shape[-1])
+    return y.view(shape), mag.view(shape)
+
+
+def awq_weight(t, group_size):
+    """Dense AWQ weight W[n, k] = (q[n, k] − 8) · scale[k // G, n] + zeros[k // G, n] (float64)."""
+    q = unpack_nibbles(t["weight"], signed=False).double()
+    scale = t["weight_scale"].double().t().repeat_interleave(group_size, dim=1)
+    zeros = t["weight_zeros"].double().t().repeat_interleave(group_size, dim=1)
+    return (q - 8) * scale + zeros
+
+
+def awq_forward(x, t, group_size, bias=None):
+    w = awq_weight(t, group_size)
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    y = x2 @ w.t()
+    mag = x2.abs() @ w.abs().t()
+    if bias is not None:
+        y, mag = y + bias.double(), mag + bias.double().abs()
+    shape = (*x.shape[:-1], y.shape[-1])
+    return y.view(shape), mag.view(shape)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+
+
+def kernel_tolerance(mag: torch.Tensor, dtype: torch.dtype, k: int) -> torch.Tensor:
+    """Elementwise error bound for a kernel computing in ``dtype``.
+
+    The kernel rounds each dequantized operand once (act·scale, weight·scale: ≤ u each), accumulates
+    the dot product (≤ k·2⁻²⁴ relative in fp32 accumulation), rounds the low-rank term, the sums and
+    the output (≤ u each). With Σ|terms| = ``mag`` this gives |error| ≤ (4u + k·2⁻²⁴)·mag; we allow 2×
+    that for the bias/low-rank additions' own roundings.
+    """
+    u = unit_roundoff(dtype)
+    return 2 * (4 * u + k * 2.0 ** -24) * mag + 1e-30
