@@ -51,3 +51,14 @@ def missing_layout_reason(name: str) -> str:
     if kitchen_tensor is None:
         return f"comfy-kitchen is not importable ({unavailable_reason})"
     return f"this comfy-kitchen build has no {name}"
+
+
+def as_parameter(qt) -> torch.nn.Parameter:
+    """``Parameter(qt)`` that keeps ``qt``'s own side tensors.
+
+    ``Parameter`` detaches its data, and kitchen's detach clones every layout tensor; that would both
+    double memory transiently and break tensor sharing between siblings (q/k/v), so put them back.
+    """
+    p = torch.nn.Parameter(qt, requires_grad=False)
+    p._qdata, p._params = qt._qdata, qt._params
+    return p

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from comfy.quant import formats
+from comfy.quant import formats, kitchen
 from comfy.quant.errors import QuantizedLayerError
 from comfy.quant.formats.base import FLOAT_DTYPES
 
@@ -52,8 +52,8 @@ class QuantizedLinearMixin:
             state_dict.pop(prefix + "weight")
         else:
             fmt, conf = formats.resolve(raw, layer)
-            weight = torch.nn.Parameter(fmt.load(state_dict, prefix, conf, self.out_features, self.in_features,
-                                                 compute_dtype, device), requires_grad=False)
+            weight = kitchen.as_parameter(fmt.load(state_dict, prefix, conf, self.out_features, self.in_features,
+                                                   compute_dtype, device))
             state_dict.pop(prefix + "comfy_quant")
         # everything checked: only now is the module changed
         self.weight = weight
@@ -162,6 +162,6 @@ def tie_shared_quant(model: torch.nn.Module) -> int:
             if len(members) < 2:
                 continue
             for m, w in zip(members, fmt.tie([m.weight for m in members])):
-                m.weight = torch.nn.Parameter(w, requires_grad=False)
+                m.weight = kitchen.as_parameter(w)
             tied += 1
     return tied

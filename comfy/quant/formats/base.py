@@ -65,9 +65,9 @@ class QuantFormat:
         raise NotImplementedError
 
     # ---- loading ----
-    def take_tensors(self, state_dict: dict, prefix: str, layer: str) -> dict[str, torch.Tensor]:
-        """Pop every slot (under any spelling) from ``state_dict``; report missing or doubled ones."""
-        found = {}
+    def find_tensors(self, state_dict: dict, prefix: str, layer: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Every slot's tensor (under any spelling) and the file keys they came from; nothing is popped."""
+        found, keys = {}, []
         for slot in self.slots:
             present = [k for k in slot.spellings if prefix + k in state_dict]
             if not present:
@@ -75,10 +75,8 @@ class QuantFormat:
             if len(present) > 1:
                 raise QuantizedLayerError(layer, slot.key, "one spelling", f"both {present}")
             found[slot.key] = state_dict[prefix + present[0]]
-        for slot in self.slots:  # pop only once every slot is known present: nothing half-consumed
-            for k in slot.spellings:
-                state_dict.pop(prefix + k, None)
-        return found
+            keys.append(prefix + present[0])
+        return found, keys
 
     def expected_shapes(self, out_features: int, in_features: int, conf: dict,
                         tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -108,9 +106,12 @@ class QuantFormat:
         if not self.available:
             raise ValueError(f"quantized layer '{layer}': format '{self.name}' is unavailable: "
                              f"{kitchen.missing_layout_reason(self.layout)}")
-        tensors = self.take_tensors(state_dict, prefix, layer)
+        tensors, keys = self.find_tensors(state_dict, prefix, layer)
         self.validate(layer, tensors, out_features, in_features, conf)
-        return self.build(tensors, conf, out_features, in_features, compute_dtype, device)
+        qt = self.build(tensors, conf, out_features, in_features, compute_dtype, device)
+        for k in keys:  # consumed only once the layer is known good
+            state_dict.pop(k)
+        return qt
 
     # ---- saving ----
     def state_dict(self, qt) -> dict[str, torch.Tensor]:

@@ -140,8 +140,7 @@ class SVDQuantW4A4(QuantFormat):
                 ups = [up if j == i else up.new_zeros(n, up.shape[1]) for j, up, _ in factors]
                 proj_up = torch.cat([qt._params.proj_up, torch.cat(ups, 1).to(device=dev, dtype=dt)], 1)
                 params = dataclasses.replace(qt._params, proj_down=proj_down, proj_up=proj_up)
-                module.weight = torch.nn.Parameter(kitchen.QuantizedTensor(qt._qdata, self.layout, params),
-                                                   requires_grad=False)
+                module.weight = kitchen.as_parameter(kitchen.QuantizedTensor(qt._qdata, self.layout, params))
         for i, ds in dense.items():
             module = members[i][0]
             n, k = module.weight.shape
