@@ -27,7 +27,14 @@ def load_torch_file(ckpt, safe_load=True, device=None, return_metadata=False):
 
 
 def save_torch_file(sd, ckpt, metadata=None):
-    sd = {k: v.contiguous() for k, v in sd.items()}
+    """Save as safetensors; tensors shared between keys (tied q/k/v side tensors) are written once each."""
+    seen, out = set(), {}
+    for k, v in sd.items():
+        v = v.contiguous()
+        ptr = (v.data_ptr(), v.untyped_storage().data_ptr()) if v.numel() else None
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    sd = out
     safetensors.torch.save_file(sd, str(ckpt), metadata=metadata)
 
 

@@ -1,0 +1,71 @@
+"""Loading entry points (mirrors upstream ``comfy/sd.py``: diffusion-model loading and LoRA loading)."""
+from __future__ import annotations
+
+import logging
+
+import comfy.lora
+import comfy.model_detection
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+from comfy.quant import nunchaku
+from comfy.quant.layer import tie_shared_quant
+
+logger = logging.getLogger(__name__)
+
+
+def load_diffusion_model_state_dict(sd, model_options={}, metadata=None):
+    """Build the model a state dict describes and load it → ``ModelPatcher`` (``sd`` is consumed)."""
+    metadata = dict(metadata or {})
+    if nunchaku.is_nunchaku_checkpoint(sd.keys(), metadata):
+        logger.info("Nunchaku checkpoint: converting to ComfyUI-native int4 while loading")
+        sd, metadata = nunchaku.convert_nunchaku_state_dict(sd, metadata)
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True) if prefix else sd
+    sd, metadata = comfy.utils.convert_old_quants(sd, metadata=metadata)
+
+    model_config = comfy.model_detection.model_config_from_unet(sd, "", metadata=metadata)
+    if model_config is None:
+        raise ValueError(f"could not detect a supported diffusion model; first keys: {list(sd)[:8]}")
+    model_config.quant_config = comfy.utils.detect_layer_quantization(sd, "")
+
+    load_device = model_options.get("load_device", comfy.model_management.get_torch_device())
+    offload_device = comfy.model_management.unet_offload_device()
+    dtype = model_options.get("dtype") or comfy.model_management.unet_dtype(load_device)
+    model_config.set_inference_dtype(dtype, None)
+
+    model = model_config.get_model(sd, "", device=offload_device)
+    model.load_model_weights(sd, "")
+    if sd:
+        logger.info("left over keys in diffusion model: %s", list(sd))
+    if model_config.quant_config is not None:
+        tied = tie_shared_quant(model.diffusion_model)
+        logger.info("int4 layers: %d groups share their activation quantization", tied)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def load_diffusion_model(unet_path, model_options={}):
+    sd, metadata = comfy.utils.load_torch_file(unet_path, return_metadata=True)
+    try:
+        return load_diffusion_model_state_dict(sd, model_options=model_options, metadata=metadata)
+    except ValueError as e:
+        raise ValueError(f"{unet_path}: {e}") from e
+
+
+def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
+    """Apply a LoRA state dict to a model (text encoder not carried here) → ``(model, clip)``."""
+    key_map = {}
+    if model is not None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
+    not_loaded = []
+    loaded = comfy.lora.load_lora(lora, key_map, not_loaded=not_loaded)
+    new_modelpatcher = None
+    if model is not None:
+        new_modelpatcher = model.clone()
+        accepted = set(new_modelpatcher.add_patches(loaded, strength_model))
+        for target in loaded:
+            if target not in accepted:
+                logger.warning("NOT LOADED %s", target)
+    if clip is not None and strength_clip:
+        logger.warning("text-encoder LoRA keys are not applied: this build carries no text encoder")
+    return new_modelpatcher, clip
