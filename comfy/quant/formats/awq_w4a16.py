@@ -61,6 +61,9 @@ class AWQW4A16(QuantFormat):
         p = qt._params
         return {"weight": qt._qdata, "weight_scale": p.scale, "weight_zeros": p.zeros}
 
+    def describe_delta(self, rank):
+        return f"additive rank-{rank} output term" if rank is not None else "additive dense output term (exact)"
+
     def apply_deltas(self, members):
         for module, deltas in members:
             n, k = module.weight.shape

@@ -127,6 +127,10 @@ class QuantFormat:
         raise NotImplementedError
 
     # ---- LoRA ----
+    def describe_delta(self, rank: int | None) -> str:
+        """How a delta lands on this format (for reports); ``rank`` None for a non-low-rank adapter."""
+        raise NotImplementedError
+
     def apply_deltas(self, members) -> None:
         """Apply deltas to a share group: ``members`` is a list of ``(module, [LowRankDelta|DenseDelta])``.
 

@@ -115,6 +115,12 @@ class SVDQuantW4A4(QuantFormat):
     def can_tie(self, weights) -> bool:
         return kitchen.kitchen_tensor.svdquant_w4a4_can_share_quant(weights, validate=True)
 
+    def describe_delta(self, rank):
+        if rank is not None:
+            return f"appended rank {rank} to the low-rank branch"
+        return (f"SVD into extra rank if <= {DENSE_MAX_RANK} singular vectors reach {DENSE_REL_TOL:g} "
+                "relative error, else exact dense output term")
+
     def apply_deltas(self, members):
         factors = []  # (member index, up (N_i, r), down (r, K))
         dense = {}

@@ -1,0 +1,5 @@
+import sys
+
+from comfy.quant.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""``python -m comfy.quant``: demo, quantize, inspect, lora-check, convert-nunchaku."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _demo(args):
+    from comfy.quant.demo import DemoConfig, run_demo
+
+    print(run_demo(args.workdir, DemoConfig(rank=args.rank, seed=args.seed), lora_path=args.lora,
+                   strength=args.strength))
+
+
+def _quantize(args):
+    import comfy.utils
+    from comfy.quant.quantizer import QuantizeOptions, quantize_file
+
+    calibration = comfy.utils.load_torch_file(args.calibration) if args.calibration else None
+    counts = quantize_file(args.input, args.output, QuantizeOptions(rank=args.rank, smooth_alpha=args.alpha),
+                           calibration=calibration)
+    print(f"wrote {args.output}: {counts}")
+
+
+def _inspect(args):
+    from comfy.quant.inspect_file import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(args.file)
+    print(format_report(report))
+    return 1 if report.problems else 0
+
+
+def _lora_check(args):
+    import comfy.sd
+    import comfy.utils
+    from comfy.quant.lora_check import lora_check
+
+    patcher = comfy.sd.load_diffusion_model(args.model)
+    rows, unmatched = lora_check(patcher, comfy.utils.load_torch_file(args.lora))
+    width = max([len(r[0]) for r in rows] + [10])
+    for prefix, target, how in rows:
+        print(f"{prefix:{width}}  ->  {target}  [{how}]")
+    print(f"{len(rows)} LoRA modules map; {len(unmatched)} keys did not map")
+    for key in unmatched:
+        print(f"  NOT MAPPED {key}")
+    return 1 if unmatched else 0
+
+
+def _convert_nunchaku(args):
+    from comfy.quant.nunchaku import convert_nunchaku_file
+
+    summary = convert_nunchaku_file(args.input, args.output)
+    print(f"wrote {args.output}: {summary}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m comfy.quant", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="build, quantize, load and run a small Qwen-Image model, with a LoRA")
+    p.add_argument("--workdir", default="output/demo")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", help="a LoRA file to use instead of the built-in one")
+    p.add_argument("--strength", type=float, default=1.0)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("quantize", help="float Qwen-Image safetensors -> int4 checkpoint")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--alpha", type=float, default=0.5, help="smoothing migration strength (with calibration)")
+    p.add_argument("--calibration", help="safetensors of per-layer input absmax {module path: (K,)}")
+    p.set_defaults(func=_quantize)
+
+    p = sub.add_parser("inspect", help="per-layer table and validation problems, without loading a model")
+    p.add_argument("file")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("lora-check", help="how a LoRA's keys map onto a model and how each applies")
+    p.add_argument("model")
+    p.add_argument("lora")
+    p.set_defaults(func=_lora_check)
+
+    p = sub.add_parser("convert-nunchaku", help="Nunchaku int4 file -> ComfyUI-native int4 file")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.set_defaults(func=_convert_nunchaku)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)

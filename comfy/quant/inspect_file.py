@@ -1,0 +1,147 @@
+"""Read an int4 checkpoint's header (no model, no tensor data beyond the small JSON entries) and report.
+
+For each quantized layer: format, logical shape, rank, act_unsigned, bytes; totals; and every
+validation problem the loader would raise, collected instead of raised.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import safetensors
+import torch
+
+from comfy.quant import formats, nunchaku
+from comfy.quant.errors import QuantizedLayerError
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    format: str
+    out_features: int | None = None
+    in_features: int | None = None
+    rank: int | None = None
+    act_unsigned: bool | None = None
+    nbytes: int = 0
+
+
+@dataclass
+class Report:
+    path: str
+    kind: str = "comfyui"                      # "comfyui" or "nunchaku"
+    layers: list[LayerInfo] = field(default_factory=list)
+    float_bytes: int = 0
+    float_tensors: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def bf16_equivalent_bytes(self) -> int:
+        return self.float_bytes + sum(2 * (layer.out_features or 0) * (layer.in_features or 0) for layer in self.layers)
+
+
+def _meta_tensor(f, key):
+    sl = f.get_slice(key)
+    return torch.empty(sl.get_shape(), dtype=_ST_DTYPES.get(sl.get_dtype(), torch.uint8), device="meta")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def inspect_checkpoint(path) -> Report:
+    report = Report(str(path))
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        metadata = f.metadata() or {}
+        if nunchaku.is_nunchaku_checkpoint(keys, metadata):
+            return _inspect_nunchaku(report, keys, metadata, lambda k: tuple(f.get_slice(k).get_shape()))
+        confs = {k[: -len(".comfy_quant")]: f.get_tensor(k) for k in keys if k.endswith(".comfy_quant")}
+        header = metadata.get("_quantization_metadata")
+        if header:
+            try:
+                for layer, conf in json.loads(header)["layers"].items():
+                    confs.setdefault(layer, json.dumps(conf))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                report.problems.append(f"file metadata _quantization_metadata: unreadable ({e})")
+        metas = {k: _meta_tensor(f, k) for k in keys if not k.endswith(".comfy_quant")}
+    claimed = set()
+    for layer, raw in sorted(confs.items()):
+        claimed.update(_inspect_layer(report, layer, raw, metas))
+    for key, t in metas.items():
+        if key not in claimed:
+            report.float_tensors += 1
+            report.float_bytes += _nbytes(t)
+    return report
+
+
+def _inspect_layer(report: Report, layer: str, raw, metas) -> set[str]:
+    prefix = layer + "."
+    own = {k for k in metas if k.startswith(prefix) and "." not in k[len(prefix):]}
+    info = LayerInfo(layer, "?", nbytes=sum(_nbytes(metas[k]) for k in own))
+    report.layers.append(info)
+    try:
+        fmt, conf = formats.resolve(raw, layer)
+        info.format = fmt.name
+        tensors, _ = fmt.find_tensors(metas, prefix, layer)
+        n, k_half = tensors["weight"].shape if tensors["weight"].dim() == 2 else (None, None)
+        if n is None:
+            raise QuantizedLayerError(layer, "weight", "a 2-D packed tensor", tuple(tensors["weight"].shape))
+        info.out_features, info.in_features = n, 2 * k_half
+        fmt.validate(layer, tensors, n, 2 * k_half, conf)
+        bias = metas.get(prefix + "bias")
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise QuantizedLayerError(layer, "bias", f"shape {(n,)}", tuple(bias.shape))
+        info.act_unsigned = conf.get("act_unsigned")
+        if "weight_proj_down" in tensors:
+            info.rank = tensors["weight_proj_down"].shape[-1]
+    except ValueError as e:
+        report.problems.append(str(e))
+    return own
+
+
+def _inspect_nunchaku(report: Report, keys, metadata, shape_of) -> Report:
+    report.kind = "nunchaku"
+    report.notes.append(f"Nunchaku checkpoint ({metadata.get('model_class', 'model class not given')}); "
+                        "load_diffusion_model converts it while loading, or run convert-nunchaku")
+    if metadata.get("quantization_config"):
+        report.notes.append(f"quantization_config: {metadata['quantization_config']}")
+    try:
+        counts = nunchaku.check_convertible(keys, metadata, shape_of)
+        report.notes.append(f"modules: {counts.get('w4a4', 0)} W4A4, {counts.get('awq', 0)} AWQ, "
+                            f"{counts.get('float', 0)} float tensors")
+    except ValueError as e:
+        report.problems.append(str(e))
+    return report
+
+
+def format_report(report: Report) -> str:
+    lines = [f"{report.path}  [{report.kind}]"]
+    lines += [f"  note: {n}" for n in report.notes]
+    if report.layers:
+        lines.append(f"  {'layer':58} {'format':14} {'out x in':>13} {'rank':>5} {'unsigned':>8} {'bytes':>10}")
+        for li in report.layers:
+            shape = f"{li.out_features}x{li.in_features}" if li.out_features else "?"
+            unsigned = "" if li.act_unsigned is None else ("yes" if li.act_unsigned else "no")
+            lines.append(f"  {li.name:58} {li.format:14} {shape:>13} {li.rank if li.rank is not None else '':>5} "
+                         f"{unsigned:>8} {li.nbytes:>10}")
+    counts = {}
+    for li in report.layers:
+        counts[li.format] = counts.get(li.format, 0) + 1
+    if report.kind == "comfyui":
+        lines.append(f"  totals: {counts or 'no quantized layers'}, {report.float_tensors} float tensors")
+        lines.append(f"  bytes: quantized layers {report.quantized_bytes:,}, float {report.float_bytes:,}, "
+                     f"total {report.quantized_bytes + report.float_bytes:,} "
+                     f"(bf16 equivalent {report.bf16_equivalent_bytes:,})")
+    lines.append(f"  problems: {len(report.problems)}")
+    lines += [f"    - {p}" for p in report.problems]
+    return "\n".join(lines)

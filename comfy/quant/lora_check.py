@@ -1,0 +1,37 @@
+"""``lora-check``: which LoRA keys map to which layers of a model, and how each would apply."""
+from __future__ import annotations
+
+from comfy.quant import formats
+
+
+def how_applied(weight, adapter) -> str:
+    fmt = formats.format_of(weight)
+    if fmt is None:
+        return "merged into float weight"
+    low = adapter.low_rank() if hasattr(adapter, "low_rank") else None
+    return fmt.describe_delta(None if low is None else low[1].shape[0])
+
+
+def lora_check(patcher, lora_sd) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(rows of (LoRA key prefix, target, how), LoRA keys that did not map) for ``patcher``'s model."""
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    not_loaded = []
+    loaded = comfy.lora.load_lora(lora_sd, key_map, log_missing=False, not_loaded=not_loaded)
+    target_to_prefix = {}
+    for prefix, target in key_map.items():
+        target_to_prefix.setdefault(target, []).append(prefix)
+    rows = []
+    probe = patcher.clone()
+    probe.patches = {}
+    for target, adapter in loaded.items():
+        key = target if isinstance(target, str) else target[0]
+        prefixes = [p for p in target_to_prefix.get(target, []) if any(k.startswith(p + ".") for k in lora_sd)]
+        if not probe.add_patches({target: adapter}):
+            how = "REJECTED (see log)"
+        else:
+            how = how_applied(probe._target(key)[0].weight if key.endswith(".weight") else None, adapter)
+        shown = key if isinstance(target, str) else f"{key} rows {target[1]}"
+        rows.append((prefixes[0] if prefixes else "?", shown, how))
+    return sorted(rows, key=lambda r: r[1]), sorted(not_loaded)
