@@ -8,7 +8,9 @@ SVDQuant, per layer (q/k/v jointly, so they share ``smooth_factor`` and ``proj_d
              (s = 1 without calibration);
   low rank   top-R SVD of W·diag(s): proj_up = U√Σ, proj_down = diag(1/s)·V√Σ, so the branch reads raw x;
   residual   (W − proj_up·proj_downᵀ)·diag(s), rounded per (row, 64-group) to signed int4 [−7, 7];
-  unsigned   post-GELU layers store bias − 0.171875·rowsum(W − L), matching the kernel's shifted input.
+  unsigned   post-GELU layers store bias − 0.171875·rowsum(Q/s), Q the dequantized residual: the kernel's
+             shifted main path adds exactly that back. (Nunchaku uses the unquantized residual W − L; the
+             dequantized one also cancels the 0.171875·rowsum(rounding error) offset that leaves behind.)
 AWQ: per (row, group) asymmetric round-to-nearest on [min, max], ``zeros = min + 8·scale``.
 Scales and factors are rounded to the storage dtype *before* the codes are computed, so the stored
 tensors are self-consistent.
@@ -122,8 +124,7 @@ def quantize_svdquant(weights, biases, act_absmax=None, *, act_unsigned=False, o
     root = sv.sqrt()
     proj_up = (u * root).to(dt)
     proj_down = (v * root / s[:, None]).to(dt)
-    residual_orig = w - proj_up.float() @ proj_down.float().t()
-    residual = (residual_orig * s).view(n_total, k // GROUP_SIZE, GROUP_SIZE)
+    residual = ((w - proj_up.float() @ proj_down.float().t()) * s).view(n_total, k // GROUP_SIZE, GROUP_SIZE)
     scale = (residual.abs().amax(-1) / 7).clamp_min(1e-8).to(dt)
     codes = (residual / scale.float().unsqueeze(-1)).round().clamp(-7, 7).view(n_total, k)
 
@@ -141,8 +142,9 @@ def quantize_svdquant(weights, biases, act_absmax=None, *, act_unsigned=False, o
         bias = biases[i] if biases is not None else None
         if bias is not None:
             bias = bias.float()
-            if act_unsigned:  # the kernel adds 0.171875·rowsum back through the shifted main path
-                bias = bias - UNSIGNED_SHIFT * residual_orig[rows].sum(1)
+            if act_unsigned:  # the kernel adds 0.171875·rowsum(Q/s) back through the shifted main path
+                dequantized = codes[rows].view(-1, k // GROUP_SIZE, GROUP_SIZE) * scale[rows].float().unsqueeze(-1)
+                bias = bias - UNSIGNED_SHIFT * (dequantized.view(-1, k) / s).sum(1)
             t["bias"] = bias.to(dt)
         t["comfy_quant"] = encode_config({"format": "svdquant_w4a4", "group_size": GROUP_SIZE, "rank": rank,
                                           "act_unsigned": act_unsigned})
