@@ -230,7 +230,7 @@ def load_lora(lora, to_load, log_missing=True, not_loaded=None):
     for k in lora.keys():
         if k not in loaded_keys:
             if log_missing:
-                logging.warning("lora key not loaded: {}".format(k))
+                logger.warning("lora key not loaded: {}".format(k))
             if not_loaded is not None:
                 not_loaded.append(k)
     return patch_dict
@@ -264,7 +264,7 @@ def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32, ori
             output = v.calculate_weight(weight, key, strength, strength_model, offset, function,
                                         intermediate_dtype, original_weights)
             if output is None:
-                logging.warning("Calculate Weight Failed: {} {}".format(v.name, key))
+                logger.warning("Calculate Weight Failed: {} {}".format(v.name, key))
             elif old_weight is None:
                 weight = output
             if old_weight is not None:
@@ -282,18 +282,18 @@ def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32, ori
             diff = v[0]
             do_pad_weight = len(v) > 1 and v[1].get("pad_weight", False)
             if do_pad_weight and tuple(diff.shape) != tuple(weight.shape) and old_weight is None:
-                logging.info("Pad weight {} from {} to shape: {}".format(key, tuple(weight.shape), tuple(diff.shape)))
+                logger.info("Pad weight {} from {} to shape: {}".format(key, tuple(weight.shape), tuple(diff.shape)))
                 weight = pad_tensor_to_shape(weight, diff.shape)
             if strength != 0.0:
                 if tuple(diff.shape) != tuple(weight.shape):
-                    logging.error("ERROR diff {}: shape mismatch, expected {} got {}; WEIGHT NOT MERGED".format(
+                    logger.error("ERROR diff {}: shape mismatch, expected {} got {}; WEIGHT NOT MERGED".format(
                         key, tuple(weight.shape), tuple(diff.shape)))
                 else:
                     weight += function(strength * cast_to_device(diff, weight.device, weight.dtype))
         elif patch_type == "set":
             src = v[0]
             if tuple(src.shape) != tuple(weight.shape):
-                logging.error("ERROR set {}: shape mismatch, expected {} got {}; WEIGHT NOT SET".format(
+                logger.error("ERROR set {}: shape mismatch, expected {} got {}; WEIGHT NOT SET".format(
                     key, tuple(weight.shape), tuple(src.shape)))
             else:
                 weight.copy_(cast_to_device(src, weight.device, weight.dtype))
@@ -303,7 +303,7 @@ def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32, ori
                 cast_to_device(original_weights[key][0][0], weight.device, intermediate_dtype)
             weight += function(strength * cast_to_device(diff_weight, weight.device, weight.dtype))
         else:
-            logging.warning("patch type not recognized {} {}".format(patch_type, key))
+            logger.warning("patch type not recognized {} {}".format(patch_type, key))
 
         if old_weight is not None:
             weight = old_weight

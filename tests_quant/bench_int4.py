@@ -96,10 +96,10 @@ def main():
     info = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "python": platform.python_version()}
     try:
-        import comfy_kitchen
-        info["comfy_kitchen"] = getattr(comfy_kitchen, "__version__", "?")
-    except ImportError:
-        pass
+        from importlib.metadata import version
+        info["comfy_kitchen"] = version("comfy-kitchen")
+    except Exception:
+        info["comfy_kitchen"] = "unknown"
     print(json.dumps(info))
     print(f"{'op':32} {'M':>5} {'K':>6} {'N':>6} {'int4 us':>9} {'bf16 us':>9} {'fp8 us':>9} "
           f"{'bf16/int4':>9} {'fp8/int4':>9}")

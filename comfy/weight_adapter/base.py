@@ -158,10 +158,10 @@ class WeightAdapterBase:
         try:
             got = self.delta_shape()
         except Exception as e:  # malformed factors
-            logging.error("ERROR {} {}: cannot read the adapter's shape ({})".format(self.name, key, e))
+            logger.error("ERROR {} {}: cannot read the adapter's shape ({})".format(self.name, key, e))
             return weight
         if not shape_matches(got, weight.shape):
-            logging.error("ERROR {} {}: shape mismatch, expected {} got {}; LoRA not applied to this "
+            logger.error("ERROR {} {}: shape mismatch, expected {} got {}; LoRA not applied to this "
                           "weight".format(self.name, key, tuple(weight.shape), tuple(got)))
             return weight
         try:
@@ -173,7 +173,7 @@ class WeightAdapterBase:
             else:
                 weight += function(((strength * alpha) * lora_diff).type(weight.dtype))
         except Exception as e:
-            logging.error("ERROR {} {} {}".format(self.name, key, e))
+            logger.error("ERROR {} {} {}".format(self.name, key, e))
         return weight
 
     def __repr__(self):
