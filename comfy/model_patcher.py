@@ -108,6 +108,10 @@ class ModelPatcher:
             if adapter.dora_scale is not None:
                 return (f"DoRA rescales the whole weight, which a quantized ({fmt}) weight cannot take "
                         f"without requantizing; load this LoRA on a float model")
+            try:  # factor consistency (e.g. up/down ranks) is checked now, not halfway through patch_model
+                adapter.low_rank()
+            except (ValueError, RuntimeError) as e:
+                return f"malformed adapter: {e}"
             return None
         if adapter[0] == "diff":
             if tuple(adapter[1][0].shape) != tuple(shape):
@@ -139,8 +143,12 @@ class ModelPatcher:
         if device_to is not None:
             self._move(device_to)
         if getattr(self.model, "current_patcher", None) is not self:
-            self._apply_patches()
             self.model.current_patcher = self
+            try:
+                self._apply_patches()
+            except Exception:
+                self.unpatch_model()  # never leave a model half-patched
+                raise
             self._applied_uuid = self.patches_uuid
         return self.model
 
@@ -179,11 +187,13 @@ class ModelPatcher:
         return groups
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
+        moved = False
         for entry in reversed(list(self.backup.values())):
             module, param, original = entry[:3]
             current = getattr(module, param)
             if original.device != current.device:  # the model moved while patched
                 original = original.to(current.device)
+                moved = True
             if formats.format_of(original) is not None:
                 module.weight = as_parameter(original)
                 if entry[3] is None:
@@ -194,6 +204,8 @@ class ModelPatcher:
                 setattr(module, param, original if isinstance(original, torch.nn.Parameter)
                         else torch.nn.Parameter(original, requires_grad=False))
         self.backup.clear()
+        if moved:
+            tie_shared_quant(self.model)  # per-tensor moves copied shared side tensors apart
         if getattr(self.model, "current_patcher", None) is self:
             self.model.current_patcher = None
         self._applied_uuid = None

@@ -1,0 +1,184 @@
+"""Helpers for ``test_lora_int4.py``: a tiny quantized Qwen-Image checkpoint, LoRA files in every
+naming users bring, and float64 expectations written from the LoRA tensors alone (never from the
+library's adapters or patch code).
+
+Tolerance model (``delta_tolerance``) for ``y_patched − y_unpatched`` against the exact delta Δ:
+a patch leaves an int4 layer's main path (codes, weight scales, smoothing, bias) untouched, so that part
+is computed identically in both outputs and cancels; what remains is
+  * the rounding of each output to the compute dtype: u·(|y_p| + |y_u|);
+  * the delta's factors (Aᵀ, s·B, or a dense ΔW) stored in the compute dtype (≤ 2u relative per product
+    term), plus an intermediate x·Aᵀ and the term's own output rounding (AWQ / dense output terms,
+    ≤ 2u more): 4u·Σ|Δ terms|;
+  * fp32 accumulation of every sum involved (k products + a few additions): (k+4)·2⁻²⁴·Σ|all terms|;
+  * float targets only: W + ΔW stored back in the compute dtype: u·Σ|all terms|;
+  * dense deltas applied as an SVD truncation of relative Frobenius error e: e·‖x_row‖₂·‖ΔW‖_F per element
+    (Cauchy–Schwarz), e measured from the appended factors.
+Σ|terms| comes from ``reference.svdquant_forward`` / ``awq_forward`` (base) and ``s·(|x||A|ᵀ)|B|ᵀ`` /
+``|x||ΔW|ᵀ`` (delta). ``kernel_tolerance`` (the generic, looser bound of ``reference``) is used only where
+a different kernel (CUDA) computes the outputs.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import comfy.ops
+import comfy.sd
+from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+from comfy.quant.quantizer import QuantizeOptions, quantize_state_dict
+from reference import awq_forward, kernel_tolerance, svdquant_forward, unit_roundoff
+
+HEADS, HEAD_DIM, TXT_DIM, IN_CH = 4, 64, 128, 64
+INNER = HEADS * HEAD_DIM  # 256
+NUM_LAYERS = 2
+QUANT_RANK = 16
+
+
+# ------------------------------------------------------------------------------- checkpoint
+@functools.lru_cache(maxsize=None)
+def _checkpoint():
+    g = torch.Generator().manual_seed(1234)
+    m = QwenImageTransformer2DModel(in_channels=IN_CH, num_layers=NUM_LAYERS, attention_head_dim=HEAD_DIM,
+                                    num_attention_heads=HEADS, joint_attention_dim=TXT_DIM,
+                                    axes_dims_rope=(8, 28, 28), operations=comfy.ops.disable_weight_init,
+                                    device="meta")
+    sd = {}
+    for k, v in m.state_dict().items():
+        if v.ndim == 2:
+            sd[k] = torch.randn(v.shape, generator=g) / v.shape[1] ** 0.5
+        elif k.endswith("bias"):
+            sd[k] = torch.randn(v.shape, generator=g) * 0.02
+        else:
+            sd[k] = torch.ones(v.shape) + 0.1 * torch.randn(v.shape, generator=g)
+    q, meta = quantize_state_dict({k: v.to(torch.bfloat16) for k, v in sd.items()},
+                                  QuantizeOptions(rank=QUANT_RANK), progress=False)
+    return q, meta
+
+
+def checkpoint():
+    """A fresh copy (tensors cloned) of the tiny int4 Qwen-Image checkpoint and its metadata."""
+    q, meta = _checkpoint()
+    return {k: v.clone() for k, v in q.items()}, dict(meta)
+
+
+def load_model(dtype=torch.float32):
+    sd, meta = checkpoint()
+    return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype}, metadata=meta)
+
+
+# ------------------------------------------------------------------------------- LoRA files
+def factors(n, k, r, seed, up_scale=0.3, down_scale=None):
+    """LoRA up (N, r) and down (r, K), fp32."""
+    g = torch.Generator().manual_seed(seed)
+    down_scale = (1.0 / k ** 0.5) if down_scale is None else down_scale
+    return torch.randn(n, r, generator=g) * up_scale, torch.randn(r, k, generator=g) * down_scale
+
+
+def lora_keys(style, path):
+    """(prefix, up suffix, down suffix) of a LoRA pair on module ``path`` in naming ``style``."""
+    flat = path.replace(".", "_")
+    return {
+        "diffusers": ("transformer." + path, "lora_B.weight", "lora_A.weight"),
+        "peft": ("base_model.model." + path, "lora_B.default.weight", "lora_A.default.weight"),
+        "kohya": ("lora_unet_" + flat, "lora_up.weight", "lora_down.weight"),
+        "comfy": ("diffusion_model." + path, "lora_up.weight", "lora_down.weight"),
+    }[style]
+
+
+def lora_sd(style, path, up, down, alpha=None):
+    prefix, u, d = lora_keys(style, path)
+    sd = {f"{prefix}.{u}": up, f"{prefix}.{d}": down}
+    if alpha is not None:
+        sd[prefix + ".alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+def loha_sd(path, w1a, w1b, w2a, w2b, alpha=None):
+    x = "lycoris_" + path.replace(".", "_")
+    sd = {x + ".hada_w1_a": w1a, x + ".hada_w1_b": w1b, x + ".hada_w2_a": w2a, x + ".hada_w2_b": w2b}
+    if alpha is not None:
+        sd[x + ".alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+def lokr_sd(path, w1, w2):
+    x = "lycoris_" + path.replace(".", "_")
+    return {x + ".lokr_w1": w1, x + ".lokr_w2": w2}
+
+
+# ------------------------------------------------------------------------------ expectations
+def lowrank_delta(x, up, down, s):
+    """(s·(x Aᵀ)Bᵀ, Σ|terms|) in float64 from the LoRA tensors."""
+    xd = x.reshape(-1, x.shape[-1]).double()
+    d = s * ((xd @ down.double().t()) @ up.double().t())
+    mag = abs(s) * ((xd.abs() @ down.double().abs().t()) @ up.double().abs().t())
+    shape = (*x.shape[:-1], up.shape[0])
+    return d.view(shape), mag.view(shape)
+
+
+def dense_delta(x, dw):
+    """(x ΔWᵀ, Σ|terms|) in float64."""
+    xd = x.reshape(-1, x.shape[-1]).double()
+    shape = (*x.shape[:-1], dw.shape[0])
+    return (xd @ dw.double().t()).view(shape), (xd.abs() @ dw.double().abs().t()).view(shape)
+
+
+def layer_tensors(module):
+    """The layer's stored tensors under the canonical (unprefixed) names, as the reference wants."""
+    return {k: v for k, v in module.state_dict().items()}
+
+
+def base_magnitude(module, x, dtype):
+    """Σ|terms| of the unpatched layer output for input ``x`` (float64)."""
+    w = module.weight
+    t = layer_tensors(module)
+    fmt = getattr(w, "_layout_cls", None)
+    if fmt == "TensorCoreSVDQuantW4A4Layout":
+        return svdquant_forward(x, t, bool(w._params.act_unsigned), t.get("bias"), dtype)[1]
+    if fmt == "TensorCoreAWQW4A16Layout":
+        return awq_forward(x, t, int(w._params.group_size), t.get("bias"))[1]
+    xd = x.reshape(-1, x.shape[-1]).double()
+    mag = xd.abs() @ t["weight"].double().abs().t()
+    if "bias" in t:
+        mag = mag + t["bias"].double().abs()
+    return mag.view(*x.shape[:-1], -1)
+
+
+def delta_tolerance(y_p, y_u, mag_base, mag_delta, dtype, k, merged_weight=False, svd_term=None):
+    """Bound on |(y_p − y_u) − Δ| (see the module docstring for the derivation)."""
+    u = unit_roundoff(dtype)
+    gamma = (k + 4) * 2.0 ** -24  # fp32 accumulation over k products + the few fp32 additions
+    tol = (u * (y_p.double().abs() + y_u.double().abs()) + 4 * u * mag_delta
+           + gamma * (mag_base + mag_delta))
+    if merged_weight:  # a float weight W + ΔW stored back in the compute dtype
+        tol = tol + u * (mag_base + mag_delta)
+    if svd_term is not None:
+        tol = tol + svd_term
+    return tol + 1e-30
+
+
+def svd_truncation_term(x, dw, rel_tol=1e-3):
+    """Per-element bound of an SVD truncation with relative Frobenius error ``rel_tol`` (Cauchy–Schwarz)."""
+    xn = x.reshape(-1, x.shape[-1]).double().norm(dim=-1, keepdim=True)
+    return (rel_tol * float(dw.double().norm()) * xn).expand(-1, dw.shape[0]).reshape(*x.shape[:-1], dw.shape[0])
+
+
+def assert_delta(got, expected, tol, discriminate=0.1, min_frac=0.5, what=""):
+    """|got − expected| ≤ tol elementwise, and the bound is tight enough that a delta off by
+    ``discriminate`` of itself would fail on more than ``min_frac`` of the elements."""
+    err = (got.double() - expected).abs()
+    ratio = err / tol
+    assert bool((err <= tol).all()), (f"{what}: max err {float(err.max()):.3e}, worst err/tol "
+                                      f"{float(ratio.max()):.3f}, |delta| max {float(expected.abs().max()):.3e}")
+    if discriminate:
+        frac = float(((discriminate * expected.abs()) > tol).double().mean())
+        assert frac > min_frac, f"{what}: tolerance too loose to see a {discriminate:.0%} error ({frac:.2f} of elements)"
+
+
+def rand_input(shape, dtype, seed, gelu=False):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    if gelu:
+        x = torch.nn.functional.gelu(x, approximate="tanh")
+    return x.to(dtype)
+
