@@ -304,7 +304,9 @@ def test_grouped_qkv_forward_equals_separate():
 
 
 def _run_isolated(code):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.path.dirname(__file__)]))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [repo, os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 

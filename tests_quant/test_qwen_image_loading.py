@@ -261,7 +261,8 @@ def test_inspect_reports_layers_and_problems(int4_file, tmp_path):
 
 
 def _cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "comfy.quant", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
