@@ -16,7 +16,7 @@ import logging
 import torch
 
 from . import weight_adapter
-from .weight_adapter.base import cast_to_device, pad_tensor_to_shape, shape_matches  # noqa: F401
+from .weight_adapter.base import cast_to_device, pad_tensor_to_shape
 
 logger = logging.getLogger(__name__)
 

@@ -132,7 +132,6 @@ def run_demo(workdir="output/demo", cfg=DemoConfig(), lora_path=None, strength=1
     ref_model.load_state_dict({k: v.float() for k, v in sd.items()})
     calib_inputs = [demo_inputs(cfg, seed=s) for s in (11, 12)]
     calibration = record_activation_stats(ref_model, lambda: [ref_model(*i) for i in calib_inputs])
-    del ref_model
 
     t0 = time.perf_counter()
     counts = quantize_file(bf16_path, int4_path, QuantizeOptions(rank=cfg.rank), calibration=calibration,

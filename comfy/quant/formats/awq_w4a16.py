@@ -5,7 +5,6 @@ term on the output, computed on the same input the layer sees.
 """
 from __future__ import annotations
 
-import torch
 
 from comfy.quant import deltas as D
 from comfy.quant import kitchen
@@ -37,25 +36,8 @@ class AWQW4A16(QuantFormat):
         n, k, g = out_features, in_features, conf["group_size"]
         return {"weight": (n, k // 2), "weight_scale": (k // g, n), "weight_zeros": (k // g, n)}
 
-    def validate(self, layer, tensors, out_features, in_features, conf):
-        if in_features % conf["group_size"]:
-            raise QuantizedLayerError(layer, "weight", f"in_features a multiple of group_size {conf['group_size']}",
-                                      in_features)
-        super().validate(layer, tensors, out_features, in_features, conf)
-
-    def build(self, tensors, conf, out_features, in_features, compute_dtype, device=None):
-        def side(key):
-            return tensors[key].to(device=device, dtype=compute_dtype).contiguous()
-
-        params = kitchen.layout_class(self.layout).Params(
-            scale=side("weight_scale"),
-            orig_dtype=compute_dtype,
-            orig_shape=(out_features, in_features),
-            zeros=side("weight_zeros"),
-            group_size=conf["group_size"],
-        )
-        qdata = tensors["weight"].view(torch.int8).to(device=device).contiguous()
-        return kitchen.QuantizedTensor(qdata, self.layout, params)
+    def layout_params(self, side, conf):
+        return {"scale": side["weight_scale"], "zeros": side["weight_zeros"], "group_size": conf["group_size"]}
 
     def state_dict(self, qt):
         p = qt._params

@@ -82,8 +82,16 @@ class QuantFormat:
                         tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 
+    def input_group_size(self, conf: dict) -> int:
+        """Input channels per quantization group; ``in_features`` must be a multiple of it."""
+        return conf.get("group_size", self.default_group_size)
+
     def validate(self, layer: str, tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
                  conf: dict) -> None:
+        group = self.input_group_size(conf)
+        if in_features % group:
+            raise QuantizedLayerError(layer, "weight", f"in_features a multiple of the group size {group}",
+                                      in_features)
         for slot in self.slots:
             t = tensors[slot.key]
             if slot.packed:
@@ -95,10 +103,19 @@ class QuantFormat:
             if tuple(tensors[key].shape) != tuple(shape):
                 raise QuantizedLayerError(layer, key, f"shape {tuple(shape)}", tuple(tensors[key].shape))
 
+    def layout_params(self, side: dict[str, torch.Tensor], conf: dict) -> dict:
+        """Format-specific fields of the kitchen layout's ``Params`` from the cast side tensors."""
+        raise NotImplementedError
+
     def build(self, tensors: dict[str, torch.Tensor], conf: dict, out_features: int, in_features: int,
               compute_dtype: torch.dtype, device=None):
         """The kitchen ``QuantizedTensor`` for validated tensors (side tensors cast to compute dtype)."""
-        raise NotImplementedError
+        side = {s.key: tensors[s.key].to(device=device, dtype=compute_dtype).contiguous()
+                for s in self.slots if not s.packed}
+        params = kitchen.layout_class(self.layout).Params(
+            orig_dtype=compute_dtype, orig_shape=(out_features, in_features), **self.layout_params(side, conf))
+        qdata = tensors["weight"].view(torch.int8).to(device=device).contiguous()
+        return kitchen.QuantizedTensor(qdata, self.layout, params)
 
     def load(self, state_dict: dict, prefix: str, conf: dict, out_features: int, in_features: int,
              compute_dtype: torch.dtype, device=None):

@@ -73,26 +73,10 @@ class SVDQuantW4A4(QuantFormat):
             "weight_smooth_factor": (k,),
         }
 
-    def validate(self, layer, tensors, out_features, in_features, conf):
-        if in_features % GROUP_SIZE:
-            raise QuantizedLayerError(layer, "weight", f"in_features a multiple of {GROUP_SIZE}", in_features)
-        super().validate(layer, tensors, out_features, in_features, conf)
-
-    def build(self, tensors, conf, out_features, in_features, compute_dtype, device=None):
-        def side(key):
-            return tensors[key].to(device=device, dtype=compute_dtype).contiguous()
-
-        params = kitchen.layout_class(self.layout).Params(
-            scale=side("weight_scale"),
-            orig_dtype=compute_dtype,
-            orig_shape=(out_features, in_features),
-            proj_down=side("weight_proj_down"),
-            proj_up=side("weight_proj_up"),
-            smooth_factor=side("weight_smooth_factor"),
-            act_unsigned=conf["act_unsigned"],
-        )
-        qdata = tensors["weight"].view(torch.int8).to(device=device).contiguous()
-        return kitchen.QuantizedTensor(qdata, self.layout, params)
+    def layout_params(self, side, conf):
+        return {"scale": side["weight_scale"], "proj_down": side["weight_proj_down"],
+                "proj_up": side["weight_proj_up"], "smooth_factor": side["weight_smooth_factor"],
+                "act_unsigned": conf["act_unsigned"]}
 
     def state_dict(self, qt):
         p = qt._params
