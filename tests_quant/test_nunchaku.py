@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import nunchaku_packer as P
 from comfy.quant import nunchaku as nk
+from comfy.quant.packing import pack_int4, unpack_int4
 
 U32 = 2.0 ** -24   # unit roundoff of fp32
 UBF16 = 2.0 ** -8  # unit roundoff of bf16 (8-bit significand incl. the implicit bit, round to nearest)
@@ -43,8 +44,8 @@ def test_w4a4_qweight_roundtrip(n, k):
     assert bits_equal(nk.unpack_w4a4_qweight(stored), codes)
     packed = nk.unpack_w4a4_qweight_packed(stored)
     assert bits_equal(packed, P.kitchen_pack(codes))          # kitchen layout, code -8 kept
-    assert bits_equal(nk.unpack_int4_rowmajor(packed, signed=True), codes)
-    assert bits_equal(nk.pack_int4_rowmajor(codes), packed)
+    assert bits_equal(unpack_int4(packed, signed=True).to(torch.int8), codes)
+    assert bits_equal(pack_int4(codes), packed)
 
 
 def test_w4a4_qweight_tile_positions_match_spec_prose():
@@ -118,7 +119,7 @@ def test_awq_qweight_roundtrip(n, k):
     stored = P.pack_awq_qweight(codes)
     assert stored.dtype == torch.int32 and stored.shape == (n // 4, k // 2)
     assert bits_equal(nk.unpack_awq_qweight(stored), codes)
-    assert bits_equal(nk.unpack_int4_rowmajor(nk.pack_int4_rowmajor(codes), signed=False), codes.to(torch.int8))
+    assert bits_equal(unpack_int4(pack_int4(codes), signed=False).to(torch.int8), codes.to(torch.int8))
 
 
 def test_awq_qweight_word_positions_match_spec_prose():

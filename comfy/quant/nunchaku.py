@@ -17,27 +17,40 @@ The file also gets the safetensors metadata ``_quantization_metadata`` (``{"form
 
 Public API
 ----------
-Pure unpack functions (one per tensor kind), small pack helpers, :func:`is_nunchaku_checkpoint`,
+The pure unpack functions (one per tensor kind) live in ``nunchaku_layout`` and are re-exported here;
+:func:`is_nunchaku_checkpoint`, :func:`check_convertible`,
 :func:`convert_nunchaku_state_dict` (in memory, consumes its input) and :func:`convert_nunchaku_file`
 (streams module by module from ``safe_open`` into a safetensors file). Both converters share the
 per-module code below. Only Qwen-Image / Qwen-Image-Edit int4 checkpoints are supported so far.
-
-All byte reinterpretations (``view(torch.int32)`` etc.) assume a little-endian host, as the Nunchaku
-format itself does.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 import torch
+
+from comfy.quant.nunchaku_layout import (  # noqa: F401  (re-exported: the converter's public API)
+    awq_deinterleave,
+    awq_zeros_to_kitchen,
+    unfold_modulation_scale_bias,
+    unpack_awq_qweight,
+    unpack_bias,
+    unpack_chunk16,
+    unpack_proj_down,
+    unpack_proj_up,
+    unpack_smooth_factor,
+    unpack_w4a4_qweight,
+    unpack_w4a4_qweight_packed,
+    unpack_w4a4_wscales,
+)
+from comfy.quant.packing import pack_int4
+from comfy.quant.safetensors_stream import entry_bound, streaming_file
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +58,6 @@ __all__ = [
     "NunchakuConversionError",
     "W4A4_GROUP_SIZE",
     "AWQ_GROUP_SIZE",
-    "pack_int4_rowmajor",
-    "unpack_int4_rowmajor",
     "unpack_w4a4_qweight",
     "unpack_w4a4_qweight_packed",
     "unpack_w4a4_wscales",
@@ -78,177 +89,6 @@ def _err(module: str, tensor: str, expected, got) -> NunchakuConversionError:
     return NunchakuConversionError(
         f"Nunchaku checkpoint, module '{module}', tensor '{tensor}': expected {expected}, got {got}"
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Kitchen row-major nibble packing
-# ----------------------------------------------------------------------------------------------
-
-def pack_int4_rowmajor(codes: torch.Tensor) -> torch.Tensor:
-    """(..., K) integer codes in [-8, 7] (signed) or [0, 15] (unsigned) -> (..., K/2) int8.
-
-    Kitchen's natural layout: byte j holds column 2j in bits 0..3 and column 2j+1 in bits 4..7.
-    """
-    if codes.shape[-1] % 2:
-        raise ValueError(f"pack_int4_rowmajor: last dim must be even, got shape {tuple(codes.shape)}")
-    c = codes.to(torch.int16) & 0x0F
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8).view(torch.int8)
-
-
-def unpack_int4_rowmajor(packed: torch.Tensor, signed: bool = True) -> torch.Tensor:
-    """(..., K/2) int8 -> (..., K) int8 codes; two's complement [-8, 7] when ``signed`` else [0, 15]."""
-    b = packed.contiguous().view(torch.uint8).to(torch.int16)
-    lo, hi = b & 0x0F, b >> 4
-    if signed:
-        lo = lo - ((lo & 0x8) << 1)
-        hi = hi - ((hi & 0x8) << 1)
-    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2).to(torch.int8)
-
-
-# ----------------------------------------------------------------------------------------------
-# SVDQuant W4A4 unpacking (tile order -> natural order)
-# ----------------------------------------------------------------------------------------------
-
-def _w4a4_qweight_dims(qweight: torch.Tensor) -> tuple[int, int]:
-    if qweight.dtype != torch.int8 or qweight.dim() != 2:
-        raise ValueError(f"W4A4 qweight: expected a 2-D int8 tensor (N, K/2), got {qweight.dtype} {tuple(qweight.shape)}")
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    if n % 128 or k % 64:
-        raise ValueError(f"W4A4 qweight: expected N % 128 == 0 and K % 64 == 0, got N={n}, K={k}")
-    return n, k
-
-
-def unpack_w4a4_qweight(qweight: torch.Tensor) -> torch.Tensor:
-    """Nunchaku tile-packed W4A4 ``qweight`` (N, K/2) int8 -> natural signed codes (N, K) int8 in [-8, 7].
-
-    Each int32 word of the tile holds 8 nibbles r (bits 4r); the word grid is
-    (nt, kt, np, nl, kl, ns, ks) with n = nt*128 + np*16 + ns*8 + nl and k = kt*64 + ks*32 + kl*8 + r.
-    The code -8 is kept as is.
-    """
-    n, k = _w4a4_qweight_dims(qweight)
-    words = qweight.contiguous().view(torch.int32).reshape(n // 128, k // 64, 8, 8, 4, 2, 2)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
-    nib = (words.unsqueeze(-1) >> shifts) & 0x0F
-    codes = nib - ((nib & 0x8) << 1)
-    return codes.permute(0, 2, 5, 3, 1, 6, 4, 7).reshape(n, k).to(torch.int8)
-
-
-def unpack_w4a4_qweight_packed(qweight: torch.Tensor) -> torch.Tensor:
-    """Nunchaku tile-packed W4A4 ``qweight`` -> kitchen's row-major packed (N, K/2) int8.
-
-    Byte b of a tile word holds nibbles r = 2b (low) and 2b + 1 (high), i.e. two adjacent columns,
-    so the conversion is a pure byte permutation (bit-exact, equal to
-    ``pack_int4_rowmajor(unpack_w4a4_qweight(qweight))``).
-    """
-    n, k = _w4a4_qweight_dims(qweight)
-    tiles = qweight.contiguous().reshape(n // 128, k // 64, 8, 8, 4, 2, 2, 4)
-    return tiles.permute(0, 2, 5, 3, 1, 6, 4, 7).reshape(n, k // 2).contiguous()
-
-
-def unpack_w4a4_wscales(wscales: torch.Tensor) -> torch.Tensor:
-    """Nunchaku tile-packed W4A4 ``wscales`` (stored shape (G, N)) -> kitchen's natural (G, N)."""
-    if wscales.dim() != 2 or wscales.shape[1] % 128:
-        raise ValueError(f"W4A4 wscales: expected (G, N) with N % 128 == 0, got {tuple(wscales.shape)}")
-    g, n = wscales.shape
-    nat = wscales.contiguous().reshape(n // 128, g, 8, 4, 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(n, g)
-    return nat.t().contiguous()
-
-
-def unpack_chunk16(vec: torch.Tensor) -> torch.Tensor:
-    """16-chunk packed vector (W4A4 ``bias`` / ``smooth_factor``) -> natural order.
-
-    Within every 16 elements the stored order is [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15].
-    """
-    if vec.dim() != 1 or vec.shape[0] % 16:
-        raise ValueError(f"16-chunk vector: expected 1-D with length % 16 == 0, got {tuple(vec.shape)}")
-    length = vec.shape[0]
-    return vec.contiguous().reshape(length // 16, 4, 2, 2).permute(0, 2, 1, 3).reshape(length).contiguous()
-
-
-unpack_bias = unpack_chunk16
-unpack_smooth_factor = unpack_chunk16
-
-
-def unpack_proj_up(proj_up: torch.Tensor) -> torch.Tensor:
-    """Nunchaku 16x16 tile-packed ``proj_up`` (N, R) -> natural (N, R)."""
-    if proj_up.dim() != 2 or proj_up.shape[0] % 16 or proj_up.shape[1] % 16:
-        raise ValueError(f"proj_up: expected (N, R) with N, R multiples of 16, got {tuple(proj_up.shape)}")
-    n, r = proj_up.shape
-    return (proj_up.contiguous().reshape(n // 16, r // 16, 8, 4, 2, 2, 2)
-            .permute(0, 4, 2, 1, 5, 3, 6).reshape(n, r).contiguous())
-
-
-def unpack_proj_down(proj_down: torch.Tensor) -> torch.Tensor:
-    """Nunchaku 16x16 tile-packed ``proj_down`` (stored (K, R)) -> kitchen's ``proj_down`` (K, R) = Aᵀ."""
-    if proj_down.dim() != 2 or proj_down.shape[0] % 16 or proj_down.shape[1] % 16:
-        raise ValueError(f"proj_down: expected (K, R) with K, R multiples of 16, got {tuple(proj_down.shape)}")
-    k, r = proj_down.shape
-    a = (proj_down.contiguous().reshape(k // 16, r // 16, 8, 4, 2, 2, 2)
-         .permute(1, 4, 2, 0, 5, 3, 6).reshape(r, k))
-    return a.t().contiguous()
-
-
-# ----------------------------------------------------------------------------------------------
-# AWQ W4A16 unpacking
-# ----------------------------------------------------------------------------------------------
-
-def unpack_awq_qweight(qweight: torch.Tensor) -> torch.Tensor:
-    """Nunchaku AWQ ``qweight`` (N/4, K/2) int32 -> unsigned codes (N, K) uint8 in [0, 15].
-
-    Rows stay in stored (interleaved) output order; see :func:`awq_deinterleave`.
-    Within every 32 input channels, 16-bit word j holds channel k = j + 8t at nibble t.
-    """
-    if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise ValueError(f"AWQ qweight: expected a 2-D int32 tensor (N/4, K/2), got {qweight.dtype} {tuple(qweight.shape)}")
-    n, k = qweight.shape[0] * 4, qweight.shape[1] * 2
-    if k % 64:
-        raise ValueError(f"AWQ qweight: expected K % 64 == 0, got K={k}")
-    words = (qweight.contiguous().view(torch.int16).reshape(n // 4, k // 64, 4, 16)
-             .permute(0, 2, 1, 3).reshape(n, k // 4))
-    shifts = torch.tensor([0, 4, 8, 12], dtype=torch.int16, device=qweight.device)
-    nib = (words.unsqueeze(-1) >> shifts) & 0x0F  # (N, K/4, 4), masked so the arithmetic shift is harmless
-    return nib.reshape(n, k // 32, 8, 4).permute(0, 1, 3, 2).reshape(n, k).to(torch.uint8)
-
-
-def awq_deinterleave(t: torch.Tensor, s: int, dim: int = 0) -> torch.Tensor:
-    """Undo Nunchaku's modulation output interleave along ``dim``.
-
-    Stored output index ``d*S + j`` holds original output ``j*D + d``; the result is planar
-    (``[slot 0 | slot 1 | ... | slot S-1]``, each D long).
-    """
-    dim = dim % t.dim()
-    n = t.shape[dim]
-    if n % s:
-        raise ValueError(f"awq_deinterleave: size {n} of dim {dim} is not a multiple of {s}")
-    shape = list(t.shape)
-    v = t.reshape(*shape[:dim], n // s, s, *shape[dim + 1:])
-    return v.transpose(dim, dim + 1).reshape(shape).contiguous()
-
-
-def awq_zeros_to_kitchen(wzeros: torch.Tensor, wscales: torch.Tensor,
-                         dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Nunchaku zero points (``W = q*s + wzeros``) -> kitchen's (``W = (q - 8)*s + zeros``).
-
-    ``zeros = wzeros + 8*wscales``, computed in fp32 and rounded once to ``dtype`` (default: wzeros').
-    """
-    if wzeros.shape != wscales.shape:
-        raise ValueError(f"awq_zeros_to_kitchen: wzeros {tuple(wzeros.shape)} and wscales {tuple(wscales.shape)} differ")
-    out = wzeros.to(torch.float32) + 8.0 * wscales.to(torch.float32)
-    return out.to(dtype or wzeros.dtype)
-
-
-def unfold_modulation_scale_bias(bias: torch.Tensor, s: int, scale_slots: Iterable[int]) -> torch.Tensor:
-    """Subtract the folded "+1" of ``(1 + scale)`` from the scale slots of a planar modulation bias.
-
-    The subtraction runs in fp32 and is rounded once to the bias dtype.
-    """
-    n = bias.shape[0]
-    if bias.dim() != 1 or n % s:
-        raise ValueError(f"modulation bias: expected 1-D length multiple of {s}, got {tuple(bias.shape)}")
-    b = bias.to(torch.float32).reshape(s, n // s).clone()
-    for j in scale_slots:
-        b[j] -= 1.0
-    return b.reshape(n).to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,15 +161,6 @@ _LEGACY_ALIASES = {"smooth": "smooth_factor", "smooth_orig": "smooth_factor_orig
                    "lora_down": "proj_down", "lora_up": "proj_up"}
 _NVFP4_SUFFIXES = (".wcscales", ".wtscale")
 
-_TORCH_TO_ST_DTYPE = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
-                   ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):
-        _TORCH_TO_ST_DTYPE[getattr(torch, _name)] = _st
 
 
 def _detect_model(keys: list[str], metadata: Mapping | None) -> str:
@@ -620,7 +451,7 @@ def _convert_awq(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
         wscales, wzeros = wscales[:groups], wzeros[:groups]
 
     codes = awq_deinterleave(unpack_awq_qweight(qweight), s, dim=0)
-    weight = pack_int4_rowmajor(codes)
+    weight = pack_int4(codes)
     del codes
     scales = awq_deinterleave(wscales, s, dim=1)
     zeros = awq_zeros_to_kitchen(awq_deinterleave(wzeros, s, dim=1), scales, dtype=wzeros.dtype)
@@ -708,60 +539,14 @@ def convert_nunchaku_state_dict(sd: dict, metadata: Mapping | None = None,
 # Streaming file conversion
 # ----------------------------------------------------------------------------------------------
 
-class _StreamingSafetensorsWriter:
-    """Writes a safetensors file tensor by tensor with bounded memory.
-
-    The header goes last, into a region reserved up front (an upper bound of its size) and padded
-    with spaces, which the safetensors format allows.
-    """
-
-    def __init__(self, path: str, header_reserve: int):
-        self.path = path
-        self.reserve = int(math.ceil(header_reserve / 8) * 8)
-        self.entries: dict = {}
-        self.offset = 0
-        self.f = open(path, "wb")
-        self.f.seek(8 + self.reserve)
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.entries:
-            raise ValueError(f"duplicate output tensor name '{name}'")
-        st_dtype = _TORCH_TO_ST_DTYPE.get(tensor.dtype)
-        if st_dtype is None:
-            raise ValueError(f"tensor '{name}': dtype {tensor.dtype} cannot be written to safetensors")
-        t = tensor.detach().to("cpu").contiguous()
-        nbytes = t.numel() * t.element_size()
-        if nbytes:
-            self.f.write(ctypes.string_at(t.data_ptr(), nbytes))
-        self.entries[name] = {"dtype": st_dtype, "shape": list(t.shape),
-                              "data_offsets": [self.offset, self.offset + nbytes]}
-        self.offset += nbytes
-
-    def finish(self, metadata: dict) -> None:
-        header = {"__metadata__": metadata, **self.entries}
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        if len(raw) > self.reserve:
-            raise RuntimeError(f"safetensors header ({len(raw)} bytes) exceeds the reserved {self.reserve} bytes")
-        self.f.seek(0)
-        self.f.write(struct.pack("<Q", self.reserve))
-        self.f.write(raw + b" " * (self.reserve - len(raw)))
-        self.f.close()
-
-    def abort(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-
-
 def _header_bound(plan: _Plan, get_shape: Callable[[str], tuple], metadata_sizes: int) -> int:
-    """An upper bound on the output header size: every input key yields at most 3 outputs whose
-    names are at most 32 bytes longer; a tensor entry's fixed JSON is < 120 bytes plus 21 per dim;
-    quantized modules add comfy_quant entries and their _quantization_metadata line."""
+    """Upper bound of the output header: every input key yields at most 3 outputs whose names are at
+    most 32 bytes longer; quantized modules add comfy_quant entries and their _quantization_metadata line."""
     total = metadata_sizes + 4096
     for unit in plan.units:
         fan = max(1, len(unit.out_names))
         for key in unit.keys.values():
-            ndim = max(1, len(get_shape(key)))
-            total += fan * (len(json.dumps(key)) + 32 + 120 + 21 * ndim)
+            total += fan * (entry_bound(key, len(get_shape(key))) + 32)
         if unit.kind != "float":
             total += fan * 2 * (len(json.dumps(unit.name)) + 32 + 240)
     return total
@@ -791,33 +576,24 @@ def convert_nunchaku_file(in_path: str, out_path: str, progress: bool = True) ->
         plan = _build_plan(keys, metadata, get_shape)
         # the output repeats model_class / quantization_config (escaped, inside converted_from) once more
         meta_size = 3 * sum(len(json.dumps(k)) + len(json.dumps(v)) + 8 for k, v in metadata.items())
-        tmp_path = out_path + ".partial"
-        writer = _StreamingSafetensorsWriter(tmp_path, _header_bound(plan, get_shape, meta_size))
         layers: dict = {}
         bar = _progress(len(plan.units), progress, f"Converting {os.path.basename(in_path)}")
         try:
-            for unit in plan.units:
-                tensors = {canon: f.get_tensor(key) for canon, key in unit.keys.items()}
-                out, lay = _convert_unit(unit, tensors, plan)
-                del tensors
-                for name, tensor in out:
-                    writer.add(name, tensor)
-                del out
-                layers.update(lay)
-                if bar is not None:
-                    bar.update(1)
-            out_meta = _output_metadata(plan, layers)
-            writer.finish(out_meta)
-        except BaseException:
-            writer.abort()
-            try:
-                os.remove(tmp_path)
-            except OSError:
-                pass
-            raise
+            with streaming_file(out_path, _header_bound(plan, get_shape, meta_size)) as writer:
+                for unit in plan.units:
+                    tensors = {canon: f.get_tensor(key) for canon, key in unit.keys.items()}
+                    out, lay = _convert_unit(unit, tensors, plan)
+                    del tensors
+                    for name, tensor in out:
+                        writer.add(name, tensor)
+                    del out
+                    layers.update(lay)
+                    if bar is not None:
+                        bar.update(1)
+                out_meta = _output_metadata(plan, layers)
+                writer.finish(out_meta)
         finally:
             if bar is not None:
                 bar.close()
-    os.replace(tmp_path, out_path)
     _log_summary(plan, layers)
     return out_meta

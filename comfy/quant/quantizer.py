@@ -27,6 +27,7 @@ import torch
 from comfy.quant.formats import encode_config
 from comfy.quant.formats.svdquant_w4a4 import GROUP_SIZE, UNSIGNED_SHIFT
 from comfy.quant.packing import pack_int4
+from comfy.quant.safetensors_stream import entry_bound, streaming_file
 
 logger = logging.getLogger(__name__)
 
@@ -208,32 +209,49 @@ def quantize_state_dict(sd: dict, options=QuantizeOptions(), calibration=None, p
     return out, {"_quantization_metadata": quantization_header(out)}
 
 
-def quantize_file(in_path, out_path, options=QuantizeOptions(), calibration=None, progress=True):
-    """Stream a safetensors file tensor by tensor into an int4 checkpoint; returns a small summary.
+def _header_bound(units, passthrough, get_shape, metadata) -> int:
+    """Upper bound of the output header: ≤ 7 tensors per quantized linear (names ≤ 24 bytes longer),
+    passthrough tensors as they are, the input metadata and one _quantization_metadata line per layer."""
+    total = 4096 + sum(len(json.dumps(k)) + len(json.dumps(v)) for k, v in metadata.items())
+    for unit in units:
+        for path in unit.paths:
+            total += 7 * entry_bound(path + ".weight_smooth_factor", 2) + 2 * (len(json.dumps(path)) + 120)
+    return total + sum(entry_bound(k, len(get_shape(k))) for k in passthrough)
 
-    Only the current layer's float tensors and the (4× smaller) output are in memory at once.
+
+def quantize_file(in_path, out_path, options=QuantizeOptions(), calibration=None, progress=True):
+    """Stream a safetensors file layer by layer into an int4 checkpoint; returns layer counts by format.
+
+    Memory holds one layer (or one q/k/v group) at a time: inputs are read with ``safe_open`` and
+    outputs written as they are made.
     """
     import safetensors
     from tqdm import tqdm
-
-    from comfy.utils import save_torch_file
 
     with safetensors.safe_open(str(in_path), framework="pt") as f:
         keys = list(f.keys())
         units, passthrough = plan_units(keys)
         present = set(keys)
+        metadata = dict(f.metadata() or {})
 
         def get(key):
             return f.get_tensor(key) if key in present else None
 
-        out = {}
-        for unit in tqdm(units, desc="quantizing", unit="layer", disable=not progress):
-            out.update(quantize_unit(unit, get, calibration, options))
-        for key in passthrough:
-            out[key] = f.get_tensor(key)
-        metadata = dict(f.metadata() or {})
-    metadata["_quantization_metadata"] = quantization_header(out)
-    save_torch_file(out, out_path, metadata=metadata)
+        def get_shape(key):
+            return f.get_slice(key).get_shape()
+
+        layers = {}
+        reserve = _header_bound(units, passthrough, get_shape, metadata)
+        with streaming_file(str(out_path), reserve) as writer:
+            for unit in tqdm(units, desc="quantizing", unit="layer", disable=not progress):
+                for name, tensor in quantize_unit(unit, get, calibration, options).items():
+                    writer.add(name, tensor)
+                    if name.endswith(".comfy_quant"):
+                        layers[name[: -len(".comfy_quant")]] = json.loads(bytes(tensor.tolist()))
+            for key in passthrough:
+                writer.add(key, f.get_tensor(key))
+            metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
+            writer.finish(metadata)
     counts = {"svdquant_w4a4": sum(len(u.paths) for u in units if u.kind == "svdquant"),
               "awq_w4a16": sum(1 for u in units if u.kind == "awq"), "float": len(passthrough)}
     logger.info("wrote %s: %s", out_path, counts)

@@ -1,0 +1,92 @@
+"""Write a safetensors file tensor by tensor, so converting a 20B-parameter model never holds it whole.
+
+The header goes last, into a region reserved up front (an upper bound of its size) and padded with
+spaces, which the safetensors format allows. ``streaming_file`` writes to ``<path>.partial`` and
+renames it only on success, so a failure leaves no output behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import struct
+
+import torch
+
+_TORCH_TO_ST_DTYPE = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                   ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        _TORCH_TO_ST_DTYPE[getattr(torch, _name)] = _st
+
+
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file tensor by tensor with bounded memory.
+
+    The header goes last, into a region reserved up front (an upper bound of its size) and padded
+    with spaces, which the safetensors format allows.
+    """
+
+    def __init__(self, path: str, header_reserve: int):
+        self.path = path
+        self.reserve = int(math.ceil(header_reserve / 8) * 8)
+        self.entries: dict = {}
+        self.offset = 0
+        self.f = open(path, "wb")
+        self.f.seek(8 + self.reserve)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.entries:
+            raise ValueError(f"duplicate output tensor name '{name}'")
+        st_dtype = _TORCH_TO_ST_DTYPE.get(tensor.dtype)
+        if st_dtype is None:
+            raise ValueError(f"tensor '{name}': dtype {tensor.dtype} cannot be written to safetensors")
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            self.f.write(ctypes.string_at(t.data_ptr(), nbytes))
+        self.entries[name] = {"dtype": st_dtype, "shape": list(t.shape),
+                              "data_offsets": [self.offset, self.offset + nbytes]}
+        self.offset += nbytes
+
+    def finish(self, metadata: dict) -> None:
+        header = {"__metadata__": metadata, **self.entries}
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        if len(raw) > self.reserve:
+            raise RuntimeError(f"safetensors header ({len(raw)} bytes) exceeds the reserved {self.reserve} bytes")
+        self.f.seek(0)
+        self.f.write(struct.pack("<Q", self.reserve))
+        self.f.write(raw + b" " * (self.reserve - len(raw)))
+        self.f.close()
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+
+
+def entry_bound(name: str, ndim: int) -> int:
+    """Upper bound of one tensor's header entry: fixed JSON < 120 bytes plus 21 per dimension."""
+    return len(json.dumps(name)) + 120 + 21 * max(1, ndim)
+
+
+@contextlib.contextmanager
+def streaming_file(path: str, header_reserve: int):
+    """Yield a writer for ``path``; the caller must call ``writer.finish(metadata)`` before leaving."""
+    tmp = path + ".partial"
+    writer = StreamingSafetensorsWriter(tmp, header_reserve)
+    try:
+        yield writer
+        if not writer.f.closed:
+            raise RuntimeError(f"{path}: writer left without finish()")
+    except BaseException:
+        writer.abort()
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
