@@ -6,7 +6,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """(..., K) integer codes in [-8, 7] or [0, 15] -> (..., K/2) int8."""
     if codes.shape[-1] % 2:
         raise ValueError(f"cannot pack an odd number of columns ({codes.shape[-1]})")
-    c = codes.to(torch.int32) & 0x0F
+    c = codes.to(torch.int16) & 0x0F
     return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8).view(torch.int8)
 
 
