@@ -48,10 +48,8 @@ class disable_weight_init:
 
         def forward(self, input):
             if self.comfy_cast_weights:
-                out = self.forward_comfy_cast_weights(input)
-            else:
-                out = super().forward(input)
-            return int4_layer.add_output_deltas(self, input, out)
+                return self.forward_comfy_cast_weights(input)
+            return super().forward(input)
 
     class LayerNorm(torch.nn.LayerNorm, CastWeightBiasOp):
         def reset_parameters(self):

@@ -362,3 +362,29 @@ def test_cuda_forward_matches_reference(act_unsigned):
         xa = torch.randn(m, K).to(torch.bfloat16)
         ref, mag = awq_forward(xa, awq, 64, awq["bias"])
         check_close(lin(xa.cuda()).cpu(), ref, mag, torch.bfloat16)
+
+
+def test_grouped_forward_with_weights_on_another_device(monkeypatch):
+    """Offloaded weights are moved per call; the moved copies no longer share tensors but must still group."""
+    root = torch.nn.Module()
+    ops = comfy.ops.mixed_precision_ops({}, compute_dtype=torch.float32)
+    root.attn = torch.nn.Module()
+    shared = svdquant_tensors(N, K, R, seed=30)
+    sd = {}
+    for i, name in enumerate(("to_q", "to_k")):
+        root.attn.add_module(name, ops.Linear(K, N))
+        t = svdquant_tensors(N, K, R, seed=31 + i)
+        t["weight_smooth_factor"], t["weight_proj_down"] = shared["weight_smooth_factor"], shared["weight_proj_down"]
+        sd.update(prefixed(f"attn.{name}", t))
+    root.load_state_dict(sd, strict=False)
+    tie_shared_quant(root)
+    mods = (root.attn.to_q, root.attn.to_k)
+    x = torch.randn(3, K)
+    expected = run_linear_group(x, mods)
+    from comfy.quant.layer import QuantizedLinearMixin
+    real = QuantizedLinearMixin._weight_on
+    monkeypatch.setattr(QuantizedLinearMixin, "_weight_on", lambda self, device: self.weight.clone())  # distinct copies, as a device move makes
+    moved = run_linear_group(x, mods)
+    monkeypatch.setattr(QuantizedLinearMixin, "_weight_on", real)
+    for a, b in zip(expected, moved):
+        assert torch.equal(a, b)

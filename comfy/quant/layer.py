@@ -117,13 +117,13 @@ class QuantizedLinearMixin:
 
 
 def _shared_format(modules):
+    """The format of ``modules``' weights if they all share one activation quantization, else None."""
     weights = [getattr(m, "weight", None) for m in modules]
     fmt = formats.format_of(weights[0])
-    if fmt is None or len({fmt.share_key(w) for w in weights}) != 1 or fmt.share_key(weights[0]) is None:
+    if fmt is None or any(formats.format_of(w) is not fmt for w in weights[1:]):
         return None
-    if any(formats.format_of(w) is not fmt for w in weights):
-        return None
-    return fmt
+    keys = {fmt.share_key(w) for w in weights}
+    return fmt if len(keys) == 1 and None not in keys else None
 
 
 def run_linear_group(input, modules):
@@ -134,7 +134,7 @@ def run_linear_group(input, modules):
     x = input.to(modules[0]._compute_dtype)
     weights = [m._weight_on(x.device) for m in modules]
     biases = [m._bias_on(x.device, x.dtype) for m in modules]
-    outs = fmt.grouped_forward(x, weights, biases)
+    outs = fmt.grouped_forward(x, weights, biases)  # sharing was checked on the resident weights above
     return tuple(add_output_deltas(m, input, out) for m, out in zip(modules, outs))
 
 

@@ -141,6 +141,7 @@ class QuantFormat:
         return None
 
     def grouped_forward(self, x: torch.Tensor, weights, biases):
+        """Outputs of several weights with one ``share_key`` on one input (the key is checked by the caller)."""
         raise NotImplementedError
 
     # ---- LoRA ----

@@ -88,7 +88,9 @@ class SVDQuantW4A4(QuantFormat):
         return (self.name, p.smooth_factor.data_ptr(), p.proj_down.data_ptr(), bool(p.act_unsigned))
 
     def grouped_forward(self, x, weights, biases):
-        return kitchen.kitchen_tensor.svdquant_w4a4_grouped_linear(x, weights, biases)
+        # callers check share_key on the resident weights; copies moved to x's device for this call
+        # hold equal but distinct tensors, so kitchen is told to trust that check
+        return kitchen.kitchen_tensor.svdquant_w4a4_grouped_linear(x, weights, biases, assume_shared_quant=True)
 
     def tie(self, weights):
         """Rebuild ``weights`` so equal ``smooth_factor``/``proj_down`` become one tensor (shared quant)."""
