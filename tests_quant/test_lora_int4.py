@@ -40,6 +40,7 @@ import comfy_kitchen
 import lora_helpers as H
 from comfy.quant import formats
 from factories import prefixed, svdquant_tensors
+from reference import kernel_tolerance
 
 SVD_SIGNED = "transformer_blocks.0.attn.to_out.0"
 SVD_SIGNED_MLP = "transformer_blocks.1.img_mlp.net.0.proj"
@@ -699,8 +700,8 @@ def _check_patch_then_move(dev):
         y = mod(probes.x[p].to(dev)).cpu()
         # the device kernel rounds differently from the CPU one: generic kernel bound on both outputs
         k = 2 * mod.in_features
-        tol = (H.kernel_tolerance(probes.mag[p], torch.bfloat16, k)
-               + H.kernel_tolerance(probes.mag[p] + exp[p][0][1], torch.bfloat16, k))
+        tol = (kernel_tolerance(probes.mag[p], torch.bfloat16, k)
+               + kernel_tolerance(probes.mag[p] + exp[p][0][1], torch.bfloat16, k))
         err = ((y.double() - base_dev[p].double()) - exp[p][0][0]).abs()
         assert bool((err <= tol).all()), (p, float((err / tol).max()))
     patched.unpatch_model()
