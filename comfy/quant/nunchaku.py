@@ -49,6 +49,7 @@ from comfy.quant.nunchaku_layout import (  # noqa: F401  (re-exported: the conve
     unpack_w4a4_qweight_packed,
     unpack_w4a4_wscales,
 )
+from comfy.quant.formats.base import encode_config, quantization_header
 from comfy.quant.packing import pack_int4
 from comfy.quant.safetensors_stream import entry_bound, streaming_file
 
@@ -340,10 +341,6 @@ def check_convertible(keys: Iterable[str], metadata: Mapping | None, shape_of: C
 # Per-module conversion
 # ----------------------------------------------------------------------------------------------
 
-def _json_tensor(d: dict) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
-
-
 def _expect_shape(module: str, name: str, t: torch.Tensor, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise _err(module, name, f"shape {tuple(shape)}", f"shape {tuple(t.shape)}")
@@ -413,7 +410,7 @@ def _convert_w4a4(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
         out.append((f"{name}.weight_smooth_factor", smooth_n if first else smooth_n.clone()))
         if bias_n is not None:
             out.append((f"{name}.bias", bias_n[rows].contiguous() if parts > 1 else bias_n))
-        out.append((f"{name}.comfy_quant", _json_tensor(jcfg)))
+        out.append((f"{name}.comfy_quant", encode_config(jcfg)))
         layers[name] = dict(jcfg)
     return out, layers
 
@@ -459,7 +456,7 @@ def _convert_awq(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
     jcfg = {"format": "awq_w4a16", "group_size": AWQ_GROUP_SIZE}
     name = unit.out_names[0]
     out = [(f"{name}.weight", weight), (f"{name}.weight_scale", scales), (f"{name}.weight_zeros", zeros),
-           (f"{name}.bias", bias_n), (f"{name}.comfy_quant", _json_tensor(jcfg))]
+           (f"{name}.bias", bias_n), (f"{name}.comfy_quant", encode_config(jcfg))]
     return out, {name: dict(jcfg)}
 
 
@@ -473,7 +470,7 @@ def _convert_unit(unit: _Unit, tensors: dict, plan: _Plan) -> tuple[list, dict]:
 
 
 def _output_metadata(plan: _Plan, layers: dict) -> dict:
-    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    meta = {"_quantization_metadata": quantization_header(layers)}
     if plan.config_str is not None:
         meta["config"] = plan.config_str
     source = {"format": "nunchaku"}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from comfy.quant.formats import encode_config
+from comfy.quant.formats import decode_config, encode_config, quantization_header
 from comfy.quant.formats.svdquant_w4a4 import GROUP_SIZE, UNSIGNED_SHIFT
 from comfy.quant.packing import pack_int4
 from comfy.quant.safetensors_stream import entry_bound, streaming_file
@@ -188,10 +188,10 @@ def quantize_unit(unit: Unit, get, calibration=None, options=QuantizeOptions()) 
     return {f"{p}.{k}": v for p, t in zip(unit.paths, parts) for k, v in t.items()}
 
 
-def quantization_header(out: dict) -> str:
-    layers = {k[: -len(".comfy_quant")]: json.loads(bytes(v.tolist()))
-              for k, v in out.items() if k.endswith(".comfy_quant")}
-    return json.dumps({"format_version": "1.0", "layers": layers})
+def layer_configs(tensors: dict) -> dict[str, dict]:
+    """``{layer: JSON}`` of the ``<layer>.comfy_quant`` entries among ``tensors``."""
+    suffix = ".comfy_quant"
+    return {k[: -len(suffix)]: decode_config(v, k[: -len(suffix)]) for k, v in tensors.items() if k.endswith(suffix)}
 
 
 def quantize_state_dict(sd: dict, options=QuantizeOptions(), calibration=None, progress=True):
@@ -206,7 +206,7 @@ def quantize_state_dict(sd: dict, options=QuantizeOptions(), calibration=None, p
             sd.pop(key, None)
     for key in passthrough:
         out[key] = sd.pop(key)
-    return out, {"_quantization_metadata": quantization_header(out)}
+    return out, {"_quantization_metadata": quantization_header(layer_configs(out))}
 
 
 def _header_bound(units, passthrough, get_shape, metadata) -> int:
@@ -244,13 +244,13 @@ def quantize_file(in_path, out_path, options=QuantizeOptions(), calibration=None
         reserve = _header_bound(units, passthrough, get_shape, metadata)
         with streaming_file(str(out_path), reserve) as writer:
             for unit in tqdm(units, desc="quantizing", unit="layer", disable=not progress):
-                for name, tensor in quantize_unit(unit, get, calibration, options).items():
+                out = quantize_unit(unit, get, calibration, options)
+                for name, tensor in out.items():
                     writer.add(name, tensor)
-                    if name.endswith(".comfy_quant"):
-                        layers[name[: -len(".comfy_quant")]] = json.loads(bytes(tensor.tolist()))
+                layers.update(layer_configs(out))
             for key in passthrough:
                 writer.add(key, f.get_tensor(key))
-            metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
+            metadata["_quantization_metadata"] = quantization_header(layers)
             writer.finish(metadata)
     counts = {"svdquant_w4a4": sum(len(u.paths) for u in units if u.kind == "svdquant"),
               "awq_w4a16": sum(1 for u in units if u.kind == "awq"), "float": len(passthrough)}

@@ -6,7 +6,7 @@ import logging
 from comfy.quant import kitchen
 from comfy.quant.errors import QuantizedLayerError
 from comfy.quant.formats.awq_w4a16 import AWQW4A16
-from comfy.quant.formats.base import QuantFormat, decode_config, encode_config
+from comfy.quant.formats.base import QuantFormat, decode_config, encode_config, quantization_header
 from comfy.quant.formats.svdquant_w4a4 import SVDQuantW4A4
 
 logger = logging.getLogger(__name__)
@@ -53,4 +53,4 @@ def format_of(tensor) -> QuantFormat | None:
 
 
 __all__ = ["FORMATS", "QuantFormat", "available_formats", "decode_config", "encode_config", "format_of",
-           "get_format", "register_format", "resolve"]
+           "get_format", "quantization_header", "register_format", "resolve"]

@@ -162,6 +162,11 @@ def encode_config(conf: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(conf, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
 
 
+def quantization_header(layers: dict[str, dict]) -> str:
+    """The file-level ``_quantization_metadata`` value for ``{layer name: layer JSON}``."""
+    return json.dumps({"format_version": "1.0", "layers": layers})
+
+
 def decode_config(raw, layer: str) -> dict:
     """The layer JSON from a ``comfy_quant`` uint8 tensor (or bytes/str/dict)."""
     try:
