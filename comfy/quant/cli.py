@@ -1,4 +1,4 @@
-"""``python -m comfy.quant``: demo, quantize, inspect, lora-check, convert-nunchaku."""
+"""``python -m comfy.quant``: demo, quantize, inspect, lora-check, convert-nunchaku, install-comfyui."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,24 @@ def _convert_nunchaku(args):
     print(f"wrote {args.output}: {summary}")
 
 
+def _install_comfyui(args):
+    import sys
+
+    from comfy.quant.install import DEFAULT_PATCH, InstallError, check, install, uninstall
+
+    patch = args.patch or DEFAULT_PATCH
+    try:
+        if args.check:
+            status = check(args.path, patch)
+            print(status.line())
+            return 0 if status.current else 1
+        print((uninstall if args.uninstall else install)(args.path, patch).line())
+        return 0
+    except (InstallError, OSError) as e:  # one line, no traceback
+        print(f"error: {e}" if isinstance(e, InstallError) else f"error: {args.path}: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m comfy.quant", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -87,6 +105,20 @@ def main(argv=None) -> int:
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(func=_convert_nunchaku)
+
+    p = sub.add_parser(
+        "install-comfyui", help="install this package into a ComfyUI checkout (copy comfy/quant, apply the core patch)",
+        description="Copy comfy/quant into PATH/comfy/quant and apply comfy/quant/upstream/comfyui.patch to PATH "
+                    "with git apply, both or neither. Running it again is a no-op; refusals leave PATH unchanged. "
+                    "Exit 0 on success, 2 on a refusal or error.")
+    p.add_argument("path", help="the ComfyUI checkout: the folder holding nodes.py and comfy/")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="change nothing; print the state; exit 0 if installed and current, else 1")
+    mode.add_argument("--uninstall", action="store_true",
+                      help="reverse the patch and remove PATH/comfy/quant (refused if the patched files were edited)")
+    p.add_argument("--patch", help="the patch to apply (default: comfy/quant/upstream/comfyui.patch of this package)")
+    p.set_defaults(func=_install_comfyui)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
