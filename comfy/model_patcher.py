@@ -1,9 +1,11 @@
 """``ModelPatcher``: a model plus the weight patches (LoRAs) to apply to it (mirrors upstream).
 
-Float weights are merged as upstream does (``comfy.lora.calculate_weight``). A quantized weight is
-never dequantized or requantized: its format takes the patches as additive deltas
-(``QuantFormat.apply_deltas``). Patching only rebinds module attributes; the originals are kept
-and put back by ``unpatch_model``, so unpatching is bit-exact.
+The same shape as upstream's: ``backup[key] = (weight, inplace_update)`` holds each patched key's
+original, ``patch_weight_to_device(key)`` patches one key, ``unpatch_model`` puts every original
+back. Float weights are merged as upstream does (``comfy.lora.calculate_weight``). An int4 weight is
+never dequantized or requantized: ``comfy.quant.host.patch_weight`` lands its patches as deltas
+(and patches its q/k/v siblings with it), exactly as the patched upstream ``ModelPatcher`` does.
+Patching only rebinds module attributes, so unpatching is bit-exact.
 """
 from __future__ import annotations
 
@@ -13,10 +15,7 @@ import uuid
 import torch
 
 import comfy.lora
-from comfy.quant import deltas as int4_deltas
-from comfy.quant import formats
-from comfy.quant.kitchen import as_parameter
-from comfy.quant.layer import tie_shared_quant
+from comfy.quant import host as int4
 from comfy.weight_adapter import WeightAdapterBase
 
 logger = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ class ModelPatcher:
             module, param = self._target(key)
             if module is None:
                 continue
-            problem = self._patch_problem(module, param, adapter, offset, function, strength_model)
+            problem = self._patch_problem(getattr(module, param), adapter, offset, function, strength_model)
             if problem:
                 logger.error("LoRA patch for %s not applied: %s", key, problem)
                 continue
@@ -86,55 +85,33 @@ class ModelPatcher:
             self.patches_uuid = uuid.uuid4()
         return accepted
 
-    def _patch_problem(self, module, param, adapter, offset, function, strength_model):
-        weight = getattr(module, param)
+    @staticmethod
+    def _patch_problem(weight, adapter, offset, function, strength_model):
+        if int4.is_int4(weight):
+            return int4.patch_problem(weight, adapter, offset, function, strength_model)
         shape = list(weight.shape)
         if offset is not None:
             dim, start, length = offset
             if dim not in (0, 1) or start < 0 or start + length > shape[dim]:
                 return f"offset {offset} outside the weight's shape {tuple(shape)}"
             shape[dim] = length
-        if isinstance(adapter, WeightAdapterBase) and not adapter.shape_matches(tuple(shape)):
-            return f"adapter delta of shape {adapter.delta_shape()} does not fit the target shape {tuple(shape)}"
-        if formats.format_of(weight) is None:
-            if not isinstance(adapter, WeightAdapterBase) and adapter[0] in ("diff", "set") and \
-                    tuple(adapter[1][0].shape) != tuple(shape):
-                return f"'{adapter[0]}' tensor of shape {tuple(adapter[1][0].shape)} does not fit {tuple(shape)}"
-            return None
-        fmt = formats.format_of(weight).name
-        if strength_model != 1.0 or function is not None:
-            return f"strength_model/function patches cannot apply to a quantized ({fmt}) weight"
         if isinstance(adapter, WeightAdapterBase):
-            if adapter.dora_scale is not None:
-                return (f"DoRA rescales the whole weight, which a quantized ({fmt}) weight cannot take "
-                        f"without requantizing; load this LoRA on a float model")
-            try:  # factor consistency (e.g. up/down ranks) is checked now, not halfway through patch_model
-                adapter.low_rank()
-            except (ValueError, RuntimeError) as e:
-                return f"malformed adapter: {e}"
-            return None
-        if adapter[0] == "diff":
-            if tuple(adapter[1][0].shape) != tuple(shape):
-                return f"'diff' tensor of shape {tuple(adapter[1][0].shape)} does not fit {tuple(shape)}"
-            return None
-        return f"a '{adapter[0]}' patch would replace a quantized ({fmt}) weight; only additive patches apply"
+            if not adapter.shape_matches(tuple(shape)):
+                return f"adapter delta of shape {adapter.delta_shape()} does not fit the target shape {tuple(shape)}"
+        elif adapter[0] in ("diff", "set") and tuple(adapter[1][0].shape) != tuple(shape):
+            return f"'{adapter[0]}' tensor of shape {tuple(adapter[1][0].shape)} does not fit {tuple(shape)}"
+        return None
 
-    def _int4_deltas(self, key, weight):
-        out = []
-        for strength, adapter, _strength_model, offset, _function in self.patches[key]:
-            shape = list(weight.shape)
-            if offset is not None:
-                shape[offset[0]] = offset[2]
-            if isinstance(adapter, WeightAdapterBase):
-                low = adapter.low_rank()
-                if low is not None:
-                    up, down, scale = low
-                    out.append(int4_deltas.LowRankDelta(up * (strength * scale), down, offset))
-                else:
-                    out.append(int4_deltas.DenseDelta(adapter.delta_weight(tuple(shape)) * strength, offset))
-            else:  # ("diff", (tensor,))
-                out.append(int4_deltas.DenseDelta(adapter[1][0].float() * strength, offset))
-        return out
+    def patch_weight_to_device(self, key, device_to=None):
+        module, param = self._target(key)
+        weight = getattr(module, param)
+        if int4.is_int4(weight):
+            int4.patch_weight(self.model, key, self.patches, self.backup, device_to)
+            return
+        if key not in self.backup:
+            self.backup[key] = int4.Backup(weight, False)
+        merged = comfy.lora.calculate_weight(self.patches[key], weight.detach().to(torch.float32, copy=True), key)
+        setattr(module, param, torch.nn.Parameter(merged.to(weight.dtype), requires_grad=False))
 
     def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, force_patch_weights=False):
         active = getattr(self.model, "current_patcher", None)
@@ -145,67 +122,26 @@ class ModelPatcher:
         if getattr(self.model, "current_patcher", None) is not self:
             self.model.current_patcher = self
             try:
-                self._apply_patches()
+                for key in self.patches:
+                    self.patch_weight_to_device(key, device_to)
             except Exception:
                 self.unpatch_model()  # never leave a model half-patched
                 raise
             self._applied_uuid = self.patches_uuid
         return self.model
 
-    def _apply_patches(self):
-        quantized = {}  # (format, share key) -> {module: [deltas]}
-        for key in self.patches:
-            module, param = self._target(key)
-            weight = getattr(module, param)
-            fmt = formats.format_of(weight)
-            if fmt is None:
-                self.backup[key] = (module, param, weight)
-                merged = comfy.lora.calculate_weight(self.patches[key], weight.detach().to(torch.float32, copy=True), key)
-                setattr(module, param, torch.nn.Parameter(merged.to(weight.dtype), requires_grad=False))
-            else:
-                group = (fmt, fmt.share_key(weight) or id(module))
-                quantized.setdefault(group, {})[module] = self._int4_deltas(key, weight)
-        if not quantized:
-            return
-        siblings = self._share_groups()
-        for (fmt, share), members in quantized.items():
-            # every sibling sharing the activation quantization takes part (zero-padded) so sharing survives
-            for sibling in siblings.get(share, ()):
-                members.setdefault(sibling, [])
-            for module in members:
-                self.backup[("int4", id(module))] = (module, "weight", module.weight,
-                                                     module._modules.get("output_deltas"))
-            fmt.apply_deltas(list(members.items()))
-
-    def _share_groups(self):
-        groups = {}
-        for module in self.model.modules():
-            fmt = formats.format_of(getattr(module, "weight", None))
-            share = fmt.share_key(module.weight) if fmt is not None else None
-            if share is not None:
-                groups.setdefault(share, []).append(module)
-        return groups
-
     def unpatch_model(self, device_to=None, unpatch_weights=True):
-        moved = False
-        for entry in reversed(list(self.backup.values())):
-            module, param, original = entry[:3]
-            current = getattr(module, param)
+        move = None  # one move function for the pass, so originals shared by q/k/v stay shared
+        for key, bk in reversed(list(self.backup.items())):
+            module, param = self._target(key)
+            current, original = getattr(module, param), bk.weight
             if original.device != current.device:  # the model moved while patched
-                original = original.to(current.device)
-                moved = True
-            if formats.format_of(original) is not None:
-                module.weight = as_parameter(original)
-                if entry[3] is None:
-                    module._modules.pop("output_deltas", None)
-                else:
-                    module.output_deltas = entry[3].to(current.device)
-            else:
-                setattr(module, param, original if isinstance(original, torch.nn.Parameter)
-                        else torch.nn.Parameter(original, requires_grad=False))
+                device = current.device
+                move = move or (lambda t: t.to(device))
+                original = int4.move_weight(original, move) if int4.is_int4(original) else \
+                    torch.nn.Parameter(original.to(device), requires_grad=False)
+            setattr(module, param, original)
         self.backup.clear()
-        if moved:
-            tie_shared_quant(self.model)  # per-tensor moves copied shared side tensors apart
         if getattr(self.model, "current_patcher", None) is self:
             self.model.current_patcher = None
         self._applied_uuid = None
@@ -214,5 +150,4 @@ class ModelPatcher:
 
     def _move(self, device):
         self.model.to(device)
-        tie_shared_quant(self.model)  # per-tensor moves copy shared side tensors apart; tie them again
         self.model.device = device

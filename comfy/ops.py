@@ -11,7 +11,9 @@ import logging
 
 import torch
 
-from comfy.quant import layer as int4_layer
+from comfy.quant import formats
+from comfy.quant import host as int4
+from comfy.quant.errors import QuantizedLayerError
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ def run_linear_group(input, modules):
     Models call this where sibling projections read one activation (q/k/v). When the siblings hold
     int4 weights whose format can share the activation quantization, the format runs them together.
     """
-    return int4_layer.run_linear_group(input, modules)
+    return int4.run_linear_group(input, modules)
 
 
 def mixed_precision_ops(quant_config=None, compute_dtype=torch.bfloat16, full_precision_mm=False, disabled=()):
@@ -117,21 +119,67 @@ def mixed_precision_ops(quant_config=None, compute_dtype=torch.bfloat16, full_pr
         _quant_config = quant_config or {}
         _compute_dtype = compute_dtype
 
-        class Linear(int4_layer.QuantizedLinearMixin, torch.nn.Module, CastWeightBiasOp):
+        class Linear(torch.nn.Module, CastWeightBiasOp):
             comfy_cast_weights = True
-            _compute_dtype = compute_dtype
 
             def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
                 super().__init__()
                 self.in_features = in_features
                 self.out_features = out_features
-                self.factory_kwargs = {"device": device, "dtype": dtype}
+                self.factory_kwargs = {"device": device, "dtype": MixedPrecisionOps._compute_dtype}
                 self.weight = None
                 if bias:
-                    self.bias = torch.nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
+                    self.bias = torch.nn.Parameter(torch.empty(out_features, **self.factory_kwargs),
                                                    requires_grad=False)
                 else:
                     self.register_parameter("bias", None)
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs):
+                if int4.load_linear(self, state_dict, prefix, missing_keys):
+                    return
+                layer = prefix.rstrip(".")
+                if prefix + "comfy_quant" in state_dict:  # a format no loader here knows: say which
+                    formats.resolve(state_dict[prefix + "comfy_quant"], layer)
+                weight = state_dict.pop(prefix + "weight", None)
+                if weight is None:
+                    missing_keys.append(prefix + "weight")
+                    return
+                if tuple(weight.shape) != (self.out_features, self.in_features):
+                    raise QuantizedLayerError(layer, "weight", f"shape {(self.out_features, self.in_features)}",
+                                              tuple(weight.shape))
+                self.weight = torch.nn.Parameter(weight.to(**self.factory_kwargs), requires_grad=False)
+                bias = state_dict.pop(prefix + "bias", None)
+                if self.bias is not None:
+                    if bias is None:
+                        missing_keys.append(prefix + "bias")
+                    else:
+                        self.bias = torch.nn.Parameter(bias.to(**self.factory_kwargs), requires_grad=False)
+
+            def _save_to_state_dict(self, destination, prefix, keep_vars):
+                if int4.save_linear(self, destination, prefix):
+                    return
+                if self.weight is not None:
+                    destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+                if self.bias is not None:
+                    destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+            def forward(self, input):
+                if int4.is_int4(self.weight):
+                    return int4.linear_forward(self, input)
+                weight, bias = cast_bias_weight(self, input)
+                return torch.nn.functional.linear(input, weight, bias)
+
+            def _apply(self, fn, recurse=True):
+                weight = self.weight
+                if not int4.is_int4(weight):
+                    return super()._apply(fn, recurse)
+                self._parameters.pop("weight")
+                try:
+                    super()._apply(fn, recurse)
+                finally:
+                    self.weight = int4.move_weight(weight, fn)
+                return self
 
     return MixedPrecisionOps
 

@@ -6,11 +6,23 @@ layout drops only that format.
 """
 import logging
 
+import torch
+
 from comfy.quant import kitchen
 from comfy.quant.formats import FORMATS, available_formats
 
 QuantizedTensor = kitchen.QuantizedTensor
 ck = kitchen.ck
+
+# Backend set-up, as upstream does it: kitchen's CUDA kernels need torch built for CUDA >= 13.
+if ck is not None and torch.version.cuda is not None:
+    try:
+        if int(torch.version.cuda.split(".")[0]) < 13:
+            ck.disable_backend("cuda")
+            logging.getLogger(__name__).info("comfy-kitchen CUDA backend disabled: torch CUDA %s < 13",
+                                             torch.version.cuda)
+    except Exception as e:
+        logging.getLogger(__name__).warning("could not configure comfy-kitchen backends: %s", e)
 
 _LAYOUT_REGISTRY = {}
 

@@ -8,18 +8,14 @@ import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
-from comfy.quant import nunchaku
-from comfy.quant.layer import tie_shared_quant
+from comfy.quant import host as int4
 
 logger = logging.getLogger(__name__)
 
 
 def load_diffusion_model_state_dict(sd, model_options={}, metadata=None):
     """Build the model a state dict describes and load it → ``ModelPatcher`` (``sd`` is consumed)."""
-    metadata = dict(metadata or {})
-    if nunchaku.is_nunchaku_checkpoint(sd.keys(), metadata):
-        logger.info("Nunchaku checkpoint: converting to ComfyUI-native int4 while loading")
-        sd, metadata = nunchaku.convert_nunchaku_state_dict(sd, metadata)
+    sd, metadata = int4.prepare_state_dict(sd, metadata)
     prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
     sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True) if prefix else sd
     sd, metadata = comfy.utils.convert_old_quants(sd, metadata=metadata)
@@ -39,7 +35,7 @@ def load_diffusion_model_state_dict(sd, model_options={}, metadata=None):
     if sd:
         logger.info("left over keys in diffusion model: %s", list(sd))
     if model_config.quant_config is not None:
-        tied = tie_shared_quant(model.diffusion_model)
+        tied = int4.tie_shared_quant(model.diffusion_model)
         logger.info("int4 layers: %d groups share their activation quantization", tied)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 

@@ -364,27 +364,57 @@ def test_cuda_forward_matches_reference(act_unsigned):
         check_close(lin(xa.cuda()).cpu(), ref, mag, torch.bfloat16)
 
 
-def test_grouped_forward_with_weights_on_another_device(monkeypatch):
-    """Offloaded weights are moved per call; the moved copies no longer share tensors but must still group."""
+def _tied_pair(seed):
     root = torch.nn.Module()
     ops = comfy.ops.mixed_precision_ops({}, compute_dtype=torch.float32)
     root.attn = torch.nn.Module()
-    shared = svdquant_tensors(N, K, R, seed=30)
+    shared = svdquant_tensors(N, K, R, seed=seed)
     sd = {}
     for i, name in enumerate(("to_q", "to_k")):
         root.attn.add_module(name, ops.Linear(K, N))
-        t = svdquant_tensors(N, K, R, seed=31 + i)
+        t = svdquant_tensors(N, K, R, seed=seed + 1 + i)
         t["weight_smooth_factor"], t["weight_proj_down"] = shared["weight_smooth_factor"], shared["weight_proj_down"]
         sd.update(prefixed(f"attn.{name}", t))
     root.load_state_dict(sd, strict=False)
     tie_shared_quant(root)
-    mods = (root.attn.to_q, root.attn.to_k)
+    return root, (root.attn.to_q, root.attn.to_k)
+
+
+def _bypass(m):
+    original = m.forward
+    m.forward = lambda x: original(x) + 1.0  # what upstream's bypass LoRA does: module.forward = f(x) + h(x)
+
+
+def _hook(m):
+    m.register_forward_hook(lambda mod, args, out: out * 2.0)
+
+
+def _weight_function(m):
+    m.weight_function = [lambda w: w]  # upstream's low-VRAM LoRA / weight wrappers
+
+
+def _move_model(root):
+    root.to("cpu")  # one model move: ties survive, so the group still runs grouped
+
+
+@pytest.mark.parametrize("change", [_bypass, _hook, _weight_function])
+def test_grouped_forward_respects_what_changes_a_module_call(change):
+    """A bypass adapter, a forward hook or a weight function on one member: the group runs module by module."""
+    root, mods = _tied_pair(30)
     x = torch.randn(3, K)
-    expected = run_linear_group(x, mods)
-    from comfy.quant.layer import QuantizedLinearMixin
-    real = QuantizedLinearMixin._weight_on
-    monkeypatch.setattr(QuantizedLinearMixin, "_weight_on", lambda self, device: self.weight.clone())  # distinct copies, as a device move makes
-    moved = run_linear_group(x, mods)
-    monkeypatch.setattr(QuantizedLinearMixin, "_weight_on", real)
-    for a, b in zip(expected, moved):
+    change(mods[1])
+    separate = [m(x) for m in mods]
+    grouped = run_linear_group(x, mods)
+    plain = mods[1].forward.__func__(mods[1], x) if hasattr(mods[1].forward, "__func__") else None
+    for a, b in zip(separate, grouped):
         assert torch.equal(a, b)
+    if plain is not None:  # hook / weight function: the changed call differs from the bare forward
+        assert change is _weight_function or not torch.equal(grouped[1], plain)
+
+
+def test_model_move_keeps_ties():
+    root, mods = _tied_pair(40)
+    root.to("cpu")
+    _move_model(root)
+    p0, p1 = mods[0].weight._params, mods[1].weight._params
+    assert p0.proj_down is p1.proj_down and p0.smooth_factor is p1.smooth_factor

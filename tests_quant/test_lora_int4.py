@@ -39,6 +39,7 @@ import comfy.utils
 import comfy_kitchen
 import lora_helpers as H
 from comfy.quant import formats
+from comfy.quant.deltas import output_terms
 from factories import prefixed, svdquant_tensors
 from reference import kernel_tolerance
 
@@ -134,7 +135,7 @@ def assert_state_equal(before, after):
 
 
 def has_output_deltas(model):
-    return [n for n, m in model.named_modules() if "output_deltas" in m._modules]
+    return [n for n, m in model.named_modules() if output_terms(getattr(m, "weight", None))]
 
 
 def loha_factors(n, k, r, seed, amp=0.25):
@@ -175,7 +176,7 @@ def test_lowrank_delta_on_each_target_kind(dtype, path):
     if rank0 is not None:  # exact: appended to the branch that reads raw x, no extra output term
         assert mod.weight._params.proj_up.shape[1] == rank0 + 4 and not has_output_deltas(mp.model)
     elif fmt is not None:
-        assert [type(t).__name__ for t in mod.output_deltas] == ["LowRankOutput"]
+        assert [type(t).__name__ for t in output_terms(mod.weight)] == ["LowRankOutput"]
     else:
         assert formats.format_of(mod.weight) is None and mod.weight.dtype == dtype
     probes.check(probes.run(), expect_lowrank(probes, fac, 0.8), what="kohya s=0.8·2/4")
@@ -330,8 +331,8 @@ def test_loha_and_lokr_exact_dense_or_svd(caplog):
     # dense fallback: rank unchanged, one exact dense output term
     mlp = dm.get_submodule(SVD_SIGNED_MLP)
     assert mlp.weight._params.proj_up.shape[1] == rank0[SVD_SIGNED_MLP]
-    assert [type(t).__name__ for t in mlp.output_deltas] == ["DenseOutput"]
-    assert [type(t).__name__ for t in dm.get_submodule(AWQ).output_deltas] == ["DenseOutput"]
+    assert [type(t).__name__ for t in output_terms(mlp.weight)] == ["DenseOutput"]
+    assert [type(t).__name__ for t in output_terms(dm.get_submodule(AWQ).weight)] == ["DenseOutput"]
 
     expected = {p: [H.dense_delta(probes.x[p], strength * dw)] for p, dw in dws.items()}
     svd_term = H.svd_truncation_term(probes.x[SVD_SIGNED], strength * dws[SVD_SIGNED], rel_tol=err + 1e-6)
@@ -359,7 +360,7 @@ def test_stacked_loras_sum():
     m2, _ = comfy.sd.load_lora_for_models(m1, None, lora2, 0.7, 0)
     assert len(m2.patches[_key(SVD_SIGNED)]) == 2 and len(m1.patches[_key(SVD_SIGNED)]) == 1
     m2.patch_model()
-    assert [type(t).__name__ for t in probes.mod(AWQ).output_deltas] == ["LowRankOutput", "DenseOutput"]
+    assert [type(t).__name__ for t in output_terms(probes.mod(AWQ).weight)] == ["LowRankOutput", "DenseOutput"]
     expected = {p: [] for p in paths}
     for p, c in expect_lowrank(probes, fac1, 1.0).items():
         expected[p] += c
@@ -479,7 +480,7 @@ def test_add_patches_after_patch_model_reapplies():
     patched.patch_model()  # same patcher, new patches: unpatched and re-applied, not stacked twice
     expected = {p: expect_lowrank(probes, fac1, 1.0)[p] + expect_lowrank(probes, fac2, 0.5)[p] for p in paths}
     probes.check(probes.run(), expected, what="re-applied")
-    assert [type(t).__name__ for t in probes.mod(AWQ).output_deltas] == ["LowRankOutput"]
+    assert [type(t).__name__ for t in output_terms(probes.mod(AWQ).weight)] == ["LowRankOutput"]
     patched.unpatch_model()
     probes.check_exactly_unchanged(probes.run(), paths)
 

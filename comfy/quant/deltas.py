@@ -10,7 +10,28 @@ from dataclasses import dataclass
 
 import torch
 
+from comfy.quant import kitchen
+
 logger = logging.getLogger(__name__)
+
+OUTPUT_TERMS = "int4_output_terms"
+
+
+def as_parameter(qt, output_terms=()) -> torch.nn.Parameter:
+    """``Parameter(qt)`` keeping ``qt``'s own side tensors, with additive ``output_terms`` attached.
+
+    A LoRA's output terms live on the weight Parameter object itself, so putting the original
+    Parameter back (a model patcher's backup) removes them, and they move with the weight.
+    """
+    p = kitchen.as_parameter(qt)
+    if output_terms:
+        setattr(p, OUTPUT_TERMS, tuple(output_terms))
+    return p
+
+
+def output_terms(weight) -> tuple:
+    """The additive output terms a LoRA attached to this weight Parameter (empty when none)."""
+    return getattr(weight, OUTPUT_TERMS, ())
 
 @dataclass(frozen=True)
 class LowRankDelta:
@@ -67,6 +88,8 @@ class LowRankOutput(torch.nn.Module):
         self.register_buffer("down", down, persistent=False)
 
     def forward(self, x):
+        if self.down.device != x.device:  # the weight may live elsewhere (low-VRAM): follow the input
+            self.to(x.device)
         x = x.to(self.down.dtype)
         return torch.nn.functional.linear(torch.nn.functional.linear(x, self.down), self.up)
 
@@ -79,6 +102,8 @@ class DenseOutput(torch.nn.Module):
         self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, x):
+        if self.weight.device != x.device:
+            self.to(x.device)
         return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight)
 
 

@@ -1,7 +1,9 @@
-"""The one place comfy-kitchen is imported.
+"""The one place this package imports comfy-kitchen.
 
 Any failure to import it leaves this module (and everything above it) importable, with the int4
 formats reported unavailable; a kitchen build lacking one layout disables only that layout.
+Backend set-up (which kitchen backends run) belongs to the host: upstream's ``comfy/quant_ops.py``
+and this repository's do it once, for every kitchen layout.
 """
 import logging
 
@@ -30,14 +32,6 @@ if kitchen_tensor is not None:
 else:
     class QuantizedTensor(torch.Tensor):  # placeholder so isinstance() checks stay valid
         pass
-
-if ck is not None and torch.version.cuda is not None:
-    try:
-        if int(torch.version.cuda.split(".")[0]) < 13:
-            ck.disable_backend("cuda")
-            logger.info("comfy-kitchen CUDA backend disabled: torch CUDA %s < 13", torch.version.cuda)
-    except Exception as e:
-        logger.warning("could not configure comfy-kitchen backends: %s", e)
 
 
 def layout_class(name: str):

@@ -1,126 +1,156 @@
-"""Runtime of a linear whose weight may be int4: load, save, forward, grouped forward, output terms.
+"""Runtime of a linear whose weight may be int4: load, save, forward, grouped forward, moves, output terms.
 
-``QuantizedLinearMixin`` is mixed into ``MixedPrecisionOps.Linear`` (``comfy/ops.py``). The weight
-is a kitchen ``QuantizedTensor`` (any registered format) or a plain compute-dtype tensor; extra
-additive output terms (LoRA on AWQ layers, dense deltas) live in ``output_deltas``.
+These functions take a host's linear module (upstream's ``MixedPrecisionOps.Linear`` or this
+repository's) and touch only what both have: ``weight``, ``bias``, ``in_features``,
+``out_features`` and ``factory_kwargs`` (``{"device", "dtype"}``, dtype = the compute dtype).
+
+The weight is a kitchen ``QuantizedTensor`` wrapped in a ``Parameter``. Everything a LoRA adds lives
+on that Parameter object: SVDQuant appends ranks to the tensor's own low-rank branch, other
+formats attach additive output terms as the Parameter's ``int4_output_terms`` attribute. So a
+patched weight is a new Parameter, the original is never written to, and putting the original
+object back (what a model patcher's backup does) removes the LoRA exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import weakref
 
 import torch
 
 from comfy.quant import formats, kitchen
+from comfy.quant.deltas import as_parameter, output_terms
 from comfy.quant.errors import QuantizedLayerError
 from comfy.quant.formats.base import FLOAT_DTYPES
 
 logger = logging.getLogger(__name__)
 
+def is_int4(weight) -> bool:
+    """Whether ``weight`` holds one of this package's int4 formats."""
+    return formats.format_of(weight) is not None
 
-def add_output_deltas(module, input, out):
-    terms = module._modules.get("output_deltas")
-    if terms is None:
-        return out
+
+# ---- loading ----
+def int4_entry(state_dict, prefix):
+    """The decoded ``comfy_quant`` JSON of ``prefix`` when it names an int4 format of this package, else None."""
+    raw = state_dict.get(prefix + "comfy_quant")
+    if raw is None:
+        return None
+    conf = formats.decode_config(raw, prefix.rstrip("."))
+    return conf if conf["format"] in formats.FORMATS else None
+
+
+def load_linear(module, state_dict, prefix, missing_keys) -> bool:
+    """Load ``module`` from ``state_dict`` when ``prefix`` holds an int4 layer; False (nothing done) otherwise.
+
+    Every tensor is found and checked before the module changes; the layer's keys (weight, side
+    tensors, ``comfy_quant``, bias) are popped only then. A module built with a bias whose file has
+    none reports ``<prefix>bias`` in ``missing_keys``.
+    """
+    conf = int4_entry(state_dict, prefix)
+    if conf is None:
+        return False
+    layer = prefix.rstrip(".")
+    device, compute_dtype = module.factory_kwargs["device"], module.factory_kwargs["dtype"]
+    fmt = formats.get_format(conf["format"], layer)
+    conf = fmt.parse_config(conf, layer)
+    bias = _checked_bias(module, state_dict.get(prefix + "bias"), layer)
+    qt = fmt.load(state_dict, prefix, conf, module.out_features, module.in_features, compute_dtype, device)
+    state_dict.pop(prefix + "comfy_quant")
+    module.weight = as_parameter(qt)
+    module.quant_format, module.layout_type, module.quant_layer_name = fmt.name, fmt.layout, layer
+    if module.bias is not None:
+        if bias is None:
+            missing_keys.append(prefix + "bias")
+        else:
+            module.bias = torch.nn.Parameter(bias.to(device=device, dtype=compute_dtype), requires_grad=False)
+            state_dict.pop(prefix + "bias")
+    return True
+
+
+def _checked_bias(module, bias, layer):
+    if bias is None:
+        return None
+    if module.bias is None:
+        raise QuantizedLayerError(layer, "bias", "no bias (layer built with bias=False)", tuple(bias.shape))
+    if tuple(bias.shape) != (module.out_features,):
+        raise QuantizedLayerError(layer, "bias", f"shape {(module.out_features,)}", tuple(bias.shape))
+    if bias.dtype not in FLOAT_DTYPES:
+        raise QuantizedLayerError(layer, "bias", f"a float dtype {FLOAT_DTYPES}", bias.dtype)
+    return bias
+
+
+# ---- saving ----
+def save_linear(module, destination, prefix) -> bool:
+    """Write an int4 layer's tensors, bias and full ``comfy_quant`` JSON; False when the weight is not int4."""
+    fmt = formats.format_of(module.weight)
+    if fmt is None:
+        return False
+    if output_terms(module.weight):
+        logger.warning("%s: its LoRA output term (%s) cannot be stored in the %s layout; the layer is "
+                       "saved without it", prefix.rstrip("."), len(output_terms(module.weight)), fmt.name)
+    for key, tensor in fmt.state_dict(module.weight).items():
+        destination[prefix + key] = tensor
+    destination[prefix + "comfy_quant"] = formats.encode_config(fmt.config_json(module.weight))
+    if module.bias is not None:
+        destination[prefix + "bias"] = module.bias.detach()
+    return True
+
+
+# ---- running ----
+def compute_dtype(weight) -> torch.dtype:
+    """The dtype an int4 weight's side tensors (and so its input) are in."""
+    return formats.format_of(weight).compute_dtype(weight)
+
+
+def _add_output_terms(terms, input, out):
     for term in terms:
         out = out + term(input).to(out.dtype)
     return out
 
 
-class QuantizedLinearMixin:
-    """Loading, saving and running of one linear layer; ``self`` is a ``torch.nn.Module``."""
-
-    quant_layer_name = "?"
-
-    # ---- loading ----
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        layer = prefix.rstrip(".")
-        self.quant_layer_name = layer
-        device = self.factory_kwargs["device"]
-        compute_dtype = self._compute_dtype
-        raw = state_dict.get(prefix + "comfy_quant")
-        bias = self._checked_bias(state_dict.get(prefix + "bias"), layer)
-        if raw is None:
-            weight = state_dict.get(prefix + "weight")
-            if weight is None:
-                missing_keys.append(prefix + "weight")
-                return
-            if tuple(weight.shape) != (self.out_features, self.in_features):
-                raise QuantizedLayerError(layer, "weight", f"shape {(self.out_features, self.in_features)}",
-                                          tuple(weight.shape))
-            weight = torch.nn.Parameter(weight.to(device=device, dtype=compute_dtype), requires_grad=False)
-            state_dict.pop(prefix + "weight")
-        else:
-            fmt, conf = formats.resolve(raw, layer)
-            weight = kitchen.as_parameter(fmt.load(state_dict, prefix, conf, self.out_features, self.in_features,
-                                                   compute_dtype, device))
-            state_dict.pop(prefix + "comfy_quant")
-        # everything checked: only now is the module changed
-        self.weight = weight
-        if self.bias is not None:
-            if bias is None:
-                missing_keys.append(prefix + "bias")
-            else:
-                self.bias = torch.nn.Parameter(bias.to(device=device, dtype=compute_dtype), requires_grad=False)
-                state_dict.pop(prefix + "bias")
-
-    def _checked_bias(self, bias, layer):
-        if bias is None:
-            return None
-        if self.bias is None:
-            raise QuantizedLayerError(layer, "bias", "no bias (layer built with bias=False)", tuple(bias.shape))
-        if tuple(bias.shape) != (self.out_features,):
-            raise QuantizedLayerError(layer, "bias", f"shape {(self.out_features,)}", tuple(bias.shape))
-        if bias.dtype not in FLOAT_DTYPES:
-            raise QuantizedLayerError(layer, "bias", f"a float dtype {FLOAT_DTYPES}", bias.dtype)
-        return bias
-
-    # ---- saving ----
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        fmt = formats.format_of(self.weight)
-        if fmt is None:
-            if self.weight is not None:
-                destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
-        else:
-            for key, tensor in fmt.state_dict(self.weight).items():
-                destination[prefix + key] = tensor
-            destination[prefix + "comfy_quant"] = formats.encode_config(fmt.config_json(self.weight))
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-
-    # ---- running ----
-    @property
-    def quant_format(self):
-        return formats.format_of(self.weight)
-
-    def _weight_on(self, device):
-        w = self.weight
-        return w if w.device == device else w.to(device)
-
-    def _bias_on(self, device, dtype):
-        b = self.bias
-        return None if b is None else b.to(device=device, dtype=dtype)
-
-    def forward(self, input):
-        if formats.format_of(self.weight) is not None:
-            x = input.to(self._compute_dtype)
-            out = torch.nn.functional.linear(x, self._weight_on(x.device), self._bias_on(x.device, x.dtype))
-        else:
-            out = torch.nn.functional.linear(input, self.weight.to(device=input.device, dtype=input.dtype),
-                                             self._bias_on(input.device, input.dtype))
-        return add_output_deltas(self, input, out)
-
-    def add_output_term(self, term: torch.nn.Module) -> None:
-        """Append an additive output term; rebinding (not mutating) keeps the patcher's backup valid."""
-        terms = list(self._modules.get("output_deltas") or [])
-        self.output_deltas = torch.nn.ModuleList(terms + [term])
+def linear_forward(module, input, weight=None, bias=None):
+    """``module``'s output for ``input``: int4 ``weight`` (default ``module.weight``, or the copy a host
+    cast onto the input's device) plus the output terms attached to ``module.weight``."""
+    weight = module.weight if weight is None else weight
+    dtype = compute_dtype(weight)
+    x = input.to(dtype)
+    if weight.device != x.device:
+        weight = weight.to(x.device)
+    if weight.dtype != dtype:  # a host's .to(dtype) only relabels a QuantizedTensor; the kernel needs its own
+        weight = weight.to(dtype)
+    bias = module.bias if bias is None else bias
+    if bias is not None:
+        bias = bias.to(device=x.device, dtype=dtype)
+    out = torch.nn.functional.linear(x, weight, bias)
+    return _add_output_terms(output_terms(module.weight), input, out).to(input.dtype)
 
 
-def _shared_format(modules):
-    """The format of ``modules``' weights if they all share one activation quantization, else None."""
+def _forward_is_plain(module) -> bool:
+    """True when calling ``module`` would run nothing but its own ``forward`` on its own weight.
+
+    A bypass adapter (it replaces ``module.forward``), forward hooks, weight/bias functions (upstream's
+    low-VRAM LoRA and weight wrappers) or a weight kept on another device all change what a call does,
+    so a group containing such a module is run module by module.
+    """
+    if "forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+        return False
+    if getattr(module, "weight_lowvram_function", None) or getattr(module, "bias_lowvram_function", None):
+        return False
+    if hasattr(module, "_v") or getattr(module, "comfy_force_cast_weights", False):
+        return False  # dynamic-VRAM / force-cast modules stream their weights through the host's cast
+    return not (torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def _shared_format(modules, device):
+    """The format of ``modules``' weights if they all share one activation quantization on ``device``, else None."""
     weights = [getattr(m, "weight", None) for m in modules]
     fmt = formats.format_of(weights[0])
     if fmt is None or any(formats.format_of(w) is not fmt for w in weights[1:]):
+        return None
+    if any(w.device != device for w in weights) or not all(_forward_is_plain(m) for m in modules):
         return None
     keys = {fmt.share_key(w) for w in weights}
     return fmt if len(keys) == 1 and None not in keys else None
@@ -128,14 +158,47 @@ def _shared_format(modules):
 
 def run_linear_group(input, modules):
     """``tuple(m(input) for m in modules)``, quantizing the shared activation once where the format can."""
-    fmt = _shared_format(modules)
+    fmt = _shared_format(modules, input.device)
     if fmt is None:
         return tuple(m(input) for m in modules)
-    x = input.to(modules[0]._compute_dtype)
-    weights = [m._weight_on(x.device) for m in modules]
-    biases = [m._bias_on(x.device, x.dtype) for m in modules]
-    outs = fmt.grouped_forward(x, weights, biases)  # sharing was checked on the resident weights above
-    return tuple(add_output_deltas(m, input, out) for m, out in zip(modules, outs))
+    dtype = compute_dtype(modules[0].weight)
+    x = input.to(dtype)
+    biases = [None if m.bias is None else m.bias.to(device=x.device, dtype=dtype) for m in modules]
+    outs = fmt.grouped_forward(x, [m.weight for m in modules], biases)
+    return tuple(_add_output_terms(output_terms(m.weight), input, out).to(input.dtype)
+                 for m, out in zip(modules, outs))
+
+
+# ---- moves ----
+_MOVED = weakref.WeakKeyDictionary()  # one memo per move function: {id(source): (source, moved)}
+
+
+def move_weight(param, fn) -> torch.nn.Parameter:
+    """``param`` moved the way ``fn`` (a ``Module._apply`` function) moves tensors, keeping ties.
+
+    Only the device changes (kitchen's ``.to(dtype)`` relabels, it never converts side tensors).
+    Tensors shared between sibling weights (q/k/v's smoothing and ``proj_down``) are moved once per
+    ``fn``, so one ``model.to(device)`` keeps them shared; output terms travel with the weight.
+    """
+    qt = param
+    device = fn(qt._qdata).device  # int8 codes: any dtype part of fn leaves them alone
+    memo = _MOVED.setdefault(fn, {})
+
+    def moved(t):
+        if t.device == device:
+            return t
+        hit = memo.get(id(t))
+        if hit is None or hit[0] is not t:
+            hit = memo[id(t)] = (t, t.to(device))
+        return hit[1]
+
+    p = qt._params
+    fields = {f: moved(getattr(p, f)) for f in p._tensor_fields() if isinstance(getattr(p, f), torch.Tensor)}
+    new = kitchen.QuantizedTensor(moved(qt._qdata), qt._layout_cls, dataclasses.replace(p, **fields))
+    out = as_parameter(new, output_terms(param))
+    if hasattr(param, "int4_base"):  # a patched weight stays marked as such (comfy.quant.patching)
+        out.int4_base = param.int4_base
+    return out
 
 
 def tie_shared_quant(model: torch.nn.Module) -> int:
@@ -147,21 +210,25 @@ def tie_shared_quant(model: torch.nn.Module) -> int:
     """
     tied = 0
     for parent in model.modules():
-        buckets = []  # [format, [modules]]
-        for child in parent.children():
-            fmt = formats.format_of(getattr(child, "weight", None))
-            if fmt is None or not hasattr(fmt, "tie"):
-                continue
-            for bucket in buckets:
-                if bucket[0] is fmt and fmt.can_tie([bucket[1][0].weight, child.weight]):
-                    bucket[1].append(child)
-                    break
-            else:
-                buckets.append([fmt, [child]])
-        for fmt, members in buckets:
+        for fmt, members in _tie_buckets(parent):
             if len(members) < 2:
                 continue
             for m, w in zip(members, fmt.tie([m.weight for m in members])):
-                m.weight = kitchen.as_parameter(w)
+                m.weight = as_parameter(w, output_terms(m.weight))
             tied += 1
     return tied
+
+
+def _tie_buckets(parent):
+    buckets = []  # [format, [modules]]
+    for child in parent.children():
+        fmt = formats.format_of(getattr(child, "weight", None))
+        if fmt is None or not hasattr(fmt, "tie"):
+            continue
+        for bucket in buckets:
+            if bucket[0] is fmt and fmt.can_tie([bucket[1][0].weight, child.weight]):
+                bucket[1].append(child)
+                break
+        else:
+            buckets.append([fmt, [child]])
+    return buckets

@@ -48,12 +48,14 @@ class AWQW4A16(QuantFormat):
 
     def apply_deltas(self, members):
         for module, deltas in members:
-            n, k = module.weight.shape
-            dev, dt = module.weight._qdata.device, module.weight.dtype
+            qt = module.weight
+            n, k = qt.shape
+            dev, dt = qt._qdata.device, self.compute_dtype(qt)
+            terms = list(D.output_terms(qt))
             low = D.stacked_factors(deltas, n, k)
             if low is not None:
-                module.add_output_term(D.LowRankOutput(low[0].to(device=dev, dtype=dt),
-                                                       low[1].to(device=dev, dtype=dt)))
+                terms.append(D.LowRankOutput(low[0].to(device=dev, dtype=dt), low[1].to(device=dev, dtype=dt)))
             dense = D.summed_dense(deltas, n, k)
             if dense is not None:
-                module.add_output_term(D.DenseOutput(dense.to(device=dev, dtype=dt)))
+                terms.append(D.DenseOutput(dense.to(device=dev, dtype=dt)))
+            module.weight = D.as_parameter(qt, terms)

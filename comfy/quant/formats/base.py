@@ -136,6 +136,10 @@ class QuantFormat:
         raise NotImplementedError
 
     # ---- running ----
+    def compute_dtype(self, qt) -> torch.dtype:
+        """The dtype of the side tensors (set at load), which the input must be cast to."""
+        return qt._params.scale.dtype
+
     def share_key(self, qt):
         """Hashable key equal for weights whose activation quantization can be shared, else None."""
         return None
@@ -152,8 +156,9 @@ class QuantFormat:
     def apply_deltas(self, members) -> None:
         """Apply deltas to a share group: ``members`` is a list of ``(module, [LowRankDelta|DenseDelta])``.
 
-        Must only rebind attributes (``module.weight``, ``module.output_deltas``); the patcher keeps
-        the originals and restores them, so original tensors are never written to.
+        Must only rebind ``module.weight`` to a new Parameter (``layer.as_parameter``), carrying any
+        output terms; the patcher keeps the original Parameters and puts them back, so original
+        tensors are never written to.
         """
         raise NotImplementedError
 

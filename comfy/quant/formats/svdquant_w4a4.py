@@ -132,9 +132,11 @@ class SVDQuantW4A4(QuantFormat):
                 ups = [up if j == i else up.new_zeros(n, up.shape[1]) for j, up, _ in factors]
                 proj_up = torch.cat([qt._params.proj_up, torch.cat(ups, 1).to(device=dev, dtype=dt)], 1)
                 params = dataclasses.replace(qt._params, proj_down=proj_down, proj_up=proj_up)
-                module.weight = kitchen.as_parameter(kitchen.QuantizedTensor(qt._qdata, self.layout, params))
+                module.weight = D.as_parameter(kitchen.QuantizedTensor(qt._qdata, self.layout, params),
+                                                   D.output_terms(qt))
         for i, ds in dense.items():
             module = members[i][0]
-            n, k = module.weight.shape
-            w = D.summed_dense(ds, n, k).to(device=module.weight.device, dtype=module.weight.dtype)
-            module.add_output_term(D.DenseOutput(w))
+            qt = module.weight
+            n, k = qt.shape
+            w = D.summed_dense(ds, n, k).to(device=qt._qdata.device, dtype=self.compute_dtype(qt))
+            module.weight = D.as_parameter(qt, (*D.output_terms(qt), D.DenseOutput(w)))

@@ -1,0 +1,57 @@
+"""The interface a ComfyUI host calls for int4 layers: the whole of it, in one place.
+
+Upstream ComfyUI (through the shipped patch, ``comfy/quant/upstream/comfyui.patch``) and this
+repository's embedded host call these functions the same way and rely on nothing else of this
+package. A host's linear module needs ``weight``, ``bias``, ``in_features``, ``out_features`` and
+``factory_kwargs = {"device": ..., "dtype": compute dtype}``.
+
+Mixed-precision ``Linear``
+    ``load_linear(module, state_dict, prefix, missing_keys) -> bool``   in ``_load_from_state_dict``
+    ``save_linear(module, destination, prefix) -> bool``                in ``state_dict``
+    ``is_int4(weight)``, ``linear_forward(module, input, weight, bias)`` in the forward
+    ``move_weight(param, fn)``                                         in ``_apply`` (keeps ties)
+    ``as_parameter(tensor)``                                           wrap without cloning side tensors
+Models
+    ``run_linear_group(input, modules)``   sibling projections on one input (q/k/v)
+    ``tie_shared_quant(model)``            after loading weights
+    ``quant_algos()``, ``layout_class(name)`` for ``quant_ops.QUANT_ALGOS`` and its layout registry
+Loading files
+    ``prepare_state_dict(sd, metadata)``   Nunchaku checkpoints become native int4 tensors
+Model patcher (LoRA)
+    ``patch_problem``, ``patch_weight``, ``group_is_patched``, ``Backup``   see ``comfy.quant.patching``
+"""
+from __future__ import annotations
+
+import logging
+
+from comfy.quant import formats, kitchen, nunchaku
+from comfy.quant.deltas import as_parameter, output_terms
+from comfy.quant.layer import (is_int4, linear_forward, load_linear, move_weight, run_linear_group, save_linear,
+                               tie_shared_quant)
+from comfy.quant.patching import Backup, group_is_patched, patch_problem, patch_weight
+
+logger = logging.getLogger(__name__)
+
+
+def quant_algos() -> dict[str, dict]:
+    """``QUANT_ALGOS`` entries of the int4 formats this kitchen build can run."""
+    return {name: fmt.algo_entry() for name, fmt in formats.FORMATS.items() if fmt.available}
+
+
+def layout_class(name: str):
+    """The kitchen layout class of int4 format ``name``."""
+    return kitchen.layout_class(formats.get_format(name).layout)
+
+
+def prepare_state_dict(sd: dict, metadata: dict | None):
+    """``(sd, metadata)`` ready for a ComfyUI loader: a Nunchaku checkpoint is converted in memory."""
+    metadata = dict(metadata or {})
+    if nunchaku.is_nunchaku_checkpoint(sd.keys(), metadata):
+        logger.info("Nunchaku checkpoint: converting to ComfyUI-native int4 while loading")
+        return nunchaku.convert_nunchaku_state_dict(sd, metadata)
+    return sd, metadata
+
+
+__all__ = ["Backup", "as_parameter", "group_is_patched", "is_int4", "layout_class", "linear_forward",
+           "load_linear", "move_weight", "output_terms", "patch_problem", "patch_weight", "prepare_state_dict",
+           "quant_algos", "run_linear_group", "save_linear", "tie_shared_quant"]
