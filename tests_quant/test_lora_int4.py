@@ -734,3 +734,23 @@ def test_failure_while_patching_leaves_nothing_half_patched(monkeypatch):
     assert getattr(mp.model, "current_patcher", None) is None and not patched.backup
     assert not has_output_deltas(mp.model)
     assert_state_equal(before, state(mp))
+
+
+def test_lora_check_reports_each_mapping_how_it_applies_and_what_did_not_map():
+    from comfy.quant.lora_check import lora_check
+
+    mp = H.load_model()
+    r = 4
+    sd = {}
+    for path, seed in ((SVD_SIGNED, 1), (AWQ, 2), ("transformer_blocks.0.attn.to_q", 3)):
+        n, k = mp.model.diffusion_model.get_submodule(path).weight.shape
+        up, down = H.factors(n, k, r, seed)
+        sd.update(H.lora_sd("diffusers", path, up, down))
+    up, down = H.factors(8, 8, r, 4)
+    sd.update(H.lora_sd("diffusers", "no_such_block.proj", up, down))  # maps nowhere
+    rows, unmapped = lora_check(mp, sd)
+    how = {target: text for _, target, text in rows}
+    assert how[f"diffusion_model.{SVD_SIGNED}.weight"] == f"appended rank {r} to the low-rank branch"
+    assert how[f"diffusion_model.{AWQ}.weight"] == f"additive rank-{r} output term"
+    assert len(rows) == 3
+    assert unmapped == sorted(k for k in sd if "no_such_block" in k)
