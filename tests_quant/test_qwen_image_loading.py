@@ -16,6 +16,7 @@ import comfy.utils
 from comfy.quant import kitchen
 from comfy.quant.demo import DemoConfig, agreement, demo_inputs, synthetic_state_dict
 from comfy.quant.inspect_file import inspect_checkpoint
+from comfy.quant.nunchaku import convert_nunchaku_file
 from comfy.quant.quantizer import (QuantizeOptions, quantize_awq, quantize_file, quantize_state_dict,
                                    quantize_svdquant, record_activation_stats)
 from reference import awq_weight, kernel_tolerance, svdquant_forward, svdquant_residual
@@ -265,6 +266,47 @@ def _cli(*args, cwd):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "comfy.quant", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("convert", [quantize_file, convert_nunchaku_file], ids=["quantize", "nunchaku"])
+def test_converters_refuse_to_overwrite_their_input(float_sd, tmp_path, convert):
+    """Output == input (the same path, another spelling of it, a path through a symlinked directory, a
+    symlink or a hard link to it) is refused with a ValueError naming both paths before anything is
+    written: the input stays byte-identical."""
+    src = tmp_path / "model.safetensors"
+    comfy.utils.save_torch_file(float_sd, src)
+    original = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "here").symlink_to(tmp_path, target_is_directory=True)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(src)
+    hard = tmp_path / "hard.safetensors"
+    os.link(src, hard)
+    for out in (src, tmp_path / "sub" / ".." / "model.safetensors", tmp_path / "here" / "model.safetensors",
+                link, hard):
+        with pytest.raises(ValueError, match="same file") as exc:
+            convert(str(src), str(out))
+        assert str(src) in str(exc.value) and str(out) in str(exc.value)
+        assert src.read_bytes() == original, out
+        assert not os.path.exists(str(out) + ".partial")
+    assert link.is_symlink() and os.path.samefile(link, src)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.safetensors", "here", "link.safetensors",
+                                                          "model.safetensors", "sub"]
+
+
+def test_cli_quantize_refuses_to_overwrite_its_input(float_sd, tmp_path):
+    """``python -m comfy.quant quantize X X`` (or X through a symlink) exits non-zero, says why, writes nothing."""
+    src = tmp_path / "model.safetensors"
+    comfy.utils.save_torch_file(float_sd, src)
+    original = src.read_bytes()
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(src)
+    for out in (src, link):
+        r = _cli("quantize", str(src), str(out), cwd=tmp_path)
+        assert r.returncode != 0 and "same file" in r.stderr and str(src) in r.stderr, r.stdout + r.stderr
+        assert "wrote" not in r.stdout
+        assert src.read_bytes() == original, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.safetensors", "model.safetensors"]
 
 
 def test_cli_demo_and_inspect(tmp_path, int4_file):

@@ -13,9 +13,17 @@ def _demo(args):
 
 
 def _quantize(args):
+    import sys
+
     import comfy.utils
     from comfy.quant.quantizer import QuantizeOptions, quantize_file
+    from comfy.quant.safetensors_stream import refuse_same_file
 
+    try:  # before any work, the calibration file included; quantize_file checks again for library callers
+        refuse_same_file(args.input, args.output, "quantize")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     calibration = comfy.utils.load_torch_file(args.calibration) if args.calibration else None
     counts = quantize_file(args.input, args.output, QuantizeOptions(rank=args.rank, smooth_alpha=args.alpha),
                            calibration=calibration)

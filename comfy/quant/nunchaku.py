@@ -51,7 +51,7 @@ from comfy.quant.nunchaku_layout import (  # noqa: F401  (re-exported: the conve
 )
 from comfy.quant.formats.base import encode_config, quantization_header
 from comfy.quant.packing import pack_int4
-from comfy.quant.safetensors_stream import entry_bound, streaming_file
+from comfy.quant.safetensors_stream import entry_bound, refuse_same_file, streaming_file
 
 logger = logging.getLogger(__name__)
 
@@ -558,8 +558,7 @@ def convert_nunchaku_file(in_path: str, out_path: str, progress: bool = True) ->
     """
     from safetensors import safe_open
 
-    if os.path.abspath(in_path) == os.path.abspath(out_path):
-        raise ValueError(f"convert_nunchaku_file: output path equals input path '{in_path}'")
+    refuse_same_file(in_path, out_path, "convert_nunchaku_file")
     with safe_open(in_path, framework="pt", device="cpu") as f:
         metadata = dict(f.metadata() or {})
         keys = list(f.keys())

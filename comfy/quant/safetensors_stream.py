@@ -75,6 +75,26 @@ def entry_bound(name: str, ndim: int) -> int:
     return len(json.dumps(name)) + 120 + 21 * max(1, ndim)
 
 
+def refuse_same_file(in_path, out_path, what: str) -> None:
+    """Raise ``ValueError`` (naming both paths) when writing ``out_path`` would replace ``in_path``.
+
+    Compares the resolved paths (symlinks to the file or to a directory above it, ``..``, relative
+    spellings) and, when the output exists, asks ``os.path.samefile`` (hard links, case-insensitive file
+    systems). Call it before any work: the writer renames ``<out>.partial`` onto ``out_path`` at the end,
+    which replaces the input when both name one directory entry, and otherwise replaces a link that the
+    caller named as the output although it is the input.
+    """
+    same = os.path.realpath(in_path) == os.path.realpath(out_path)
+    if not same and os.path.exists(out_path):
+        try:
+            same = os.path.samefile(in_path, out_path)
+        except OSError:  # the input cannot be stat'ed: not the same file; opening it reports the problem
+            same = False
+    if same:
+        raise ValueError(f"{what}: output '{out_path}' is the same file as input '{in_path}'; "
+                         "refusing to overwrite the input (choose another output path)")
+
+
 @contextlib.contextmanager
 def streaming_file(path: str, header_reserve: int):
     """Yield a writer for ``path``; the caller must call ``writer.finish(metadata)`` before leaving."""
