@@ -393,10 +393,6 @@ def _weight_function(m):
     m.weight_function = [lambda w: w]  # upstream's low-VRAM LoRA / weight wrappers
 
 
-def _move_model(root):
-    root.to("cpu")  # one model move: ties survive, so the group still runs grouped
-
-
 @pytest.mark.parametrize("change", [_bypass, _hook, _weight_function])
 def test_grouped_forward_respects_what_changes_a_module_call(change):
     """A bypass adapter, a forward hook or a weight function on one member: the group runs module by module."""
@@ -412,9 +408,15 @@ def test_grouped_forward_respects_what_changes_a_module_call(change):
         assert change is _weight_function or not torch.equal(grouped[1], plain)
 
 
-def test_model_move_keeps_ties():
-    root, mods = _tied_pair(40)
-    root.to("cpu")
-    _move_model(root)
-    p0, p1 = mods[0].weight._params, mods[1].weight._params
+def test_moves_keep_ties_one_model_move_or_module_by_module():
+    """Shared side tensors get one copy per device, whether the model or each module is moved."""
+    from comfy.quant.layer import move_weight
+
+    _, mods = _tied_pair(40)
+    to_meta = lambda t: t.to("meta")  # noqa: E731  (a real second device without a GPU)
+    moved = [move_weight(m.weight, to_meta) for m in mods]  # two separate moves, as ComfyUI's loader does
+    p0, p1 = moved[0]._params, moved[1]._params
+    assert p0.proj_down.device.type == "meta"
     assert p0.proj_down is p1.proj_down and p0.smooth_factor is p1.smooth_factor
+    assert p0.proj_up is not p1.proj_up  # per-layer tensors stay per layer
+    assert moved[0]._qdata.shape == mods[0].weight._qdata.shape

@@ -170,31 +170,37 @@ def run_linear_group(input, modules):
 
 
 # ---- moves ----
-_MOVED = weakref.WeakKeyDictionary()  # one memo per move function: {id(source): (source, moved)}
+_MOVED: dict = {}  # (id(source), device) -> (weakref(source), weakref(copy)): the live copy of a tensor on a device
+
+
+def _moved_tensor(t, device):
+    """``t`` on ``device``, reusing a copy made earlier while it is alive (so shared tensors stay shared)."""
+    if t.device == device:
+        return t
+    key = (id(t), device)
+    hit = _MOVED.get(key)
+    copy = hit[1]() if hit is not None and hit[0]() is t else None
+    if copy is None:
+        copy = t.to(device)
+        _MOVED[key] = (weakref.ref(t, lambda _, key=key: _MOVED.pop(key, None)), weakref.ref(copy))
+    return copy
 
 
 def move_weight(param, fn) -> torch.nn.Parameter:
     """``param`` moved the way ``fn`` (a ``Module._apply`` function) moves tensors, keeping ties.
 
     Only the device changes (kitchen's ``.to(dtype)`` relabels, it never converts side tensors).
-    Tensors shared between sibling weights (q/k/v's smoothing and ``proj_down``) are moved once per
-    ``fn``, so one ``model.to(device)`` keeps them shared; output terms travel with the weight.
+    A tensor shared between sibling weights (q/k/v's smoothing and ``proj_down``) gets one copy per
+    device while that copy is alive, however the modules are moved (one ``model.to()`` or module by
+    module, as ComfyUI's loaders do); int4 tensors are never written in place, so a copy stays valid.
+    Output terms and the patched mark travel with the weight.
     """
     qt = param
     device = fn(qt._qdata).device  # int8 codes: any dtype part of fn leaves them alone
-    memo = _MOVED.setdefault(fn, {})
-
-    def moved(t):
-        if t.device == device:
-            return t
-        hit = memo.get(id(t))
-        if hit is None or hit[0] is not t:
-            hit = memo[id(t)] = (t, t.to(device))
-        return hit[1]
-
     p = qt._params
-    fields = {f: moved(getattr(p, f)) for f in p._tensor_fields() if isinstance(getattr(p, f), torch.Tensor)}
-    new = kitchen.QuantizedTensor(moved(qt._qdata), qt._layout_cls, dataclasses.replace(p, **fields))
+    fields = {f: _moved_tensor(getattr(p, f), device) for f in p._tensor_fields()
+              if isinstance(getattr(p, f), torch.Tensor)}
+    new = kitchen.QuantizedTensor(_moved_tensor(qt._qdata, device), qt._layout_cls, dataclasses.replace(p, **fields))
     out = as_parameter(new, output_terms(param))
     if hasattr(param, "int4_base"):  # a patched weight stays marked as such (comfy.quant.patching)
         out.int4_base = param.int4_base
