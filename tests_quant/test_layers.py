@@ -129,7 +129,13 @@ def test_both_spellings_present_is_an_error():
 @pytest.mark.parametrize("make", [lambda: svdquant_tensors(N, K, R, seed=7),
                                   lambda: awq_tensors(N, K, seed=7)])
 def test_round_trip_is_bit_identical(tmp_path, make):
-    root, lin = make_linear(make())
+    """save → load gives back every tensor bit for bit (same keys and dtypes). The two layers' outputs
+    are each checked against the float64 reference instead of against each other: lin2's fp32 tensors
+    are views into the file buffer at its data offsets (not 64-byte aligned), lin's are fresh bf16 → fp32
+    copies, and a BLAS may sum the same operands in another order at another alignment (the low-rank
+    matmuls read proj_down / proj_up directly), which ``kernel_tolerance`` covers and equality does not."""
+    t = make()
+    root, lin = make_linear(t)
     path = tmp_path / "layer.safetensors"
     comfy.utils.save_torch_file(root.state_dict(), path)
     sd = comfy.utils.load_torch_file(path)
@@ -140,11 +146,17 @@ def test_round_trip_is_bit_identical(tmp_path, make):
     root2.blocks.get_submodule("0").lin = lin2
     assert not root2.load_state_dict(sd, strict=False).unexpected_keys
     x = torch.randn(2, 3, K)
-    assert torch.equal(lin(x), lin2(x))
+    if "weight_zeros" in t:
+        ref, mag = awq_forward(x, t, 64, t["bias"])
+    else:
+        ref, mag = svdquant_forward(x, t, False, t["bias"], torch.float32)
+    check_close(lin(x), ref, mag, torch.float32)
+    check_close(lin2(x), ref, mag, torch.float32)
     saved = {k: v for k, v in root.state_dict().items()}
     again = root2.state_dict()
     assert saved.keys() == again.keys()
-    assert all(torch.equal(saved[k], again[k]) for k in saved)
+    for k in saved:
+        assert saved[k].dtype == again[k].dtype and torch.equal(saved[k], again[k]), k
 
 
 def test_file_level_metadata_equals_per_layer():
