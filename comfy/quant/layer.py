@@ -81,14 +81,20 @@ def _checked_bias(module, bias, layer):
 
 
 # ---- saving ----
+_WARNED_TERMS: set = set()
+
+
 def save_linear(module, destination, prefix) -> bool:
     """Write an int4 layer's tensors, bias and full ``comfy_quant`` JSON; False when the weight is not int4."""
     fmt = formats.format_of(module.weight)
     if fmt is None:
         return False
-    if output_terms(module.weight):
-        logger.warning("%s: its LoRA output term (%s) cannot be stored in the %s layout; the layer is "
-                       "saved without it", prefix.rstrip("."), len(output_terms(module.weight)), fmt.name)
+    if output_terms(module.weight) and id(module.weight) not in _WARNED_TERMS:
+        # hosts also call state_dict() only to list keys (LoRA key maps): say it once per patched weight
+        _WARNED_TERMS.add(id(module.weight))
+        logger.warning("%s: a state dict of this layer leaves out its LoRA output term (the %s layout has "
+                       "no place for it); unpatch before saving, or save the LoRA separately",
+                       prefix.rstrip("."), fmt.name)
     for key, tensor in fmt.state_dict(module.weight).items():
         destination[prefix + key] = tensor
     destination[prefix + "comfy_quant"] = formats.encode_config(fmt.config_json(module.weight))
