@@ -131,14 +131,12 @@ class ModelPatcher:
         return self.model
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
-        move = None  # one move function for the pass, so originals shared by q/k/v stay shared
         for key, bk in reversed(list(self.backup.items())):
             module, param = self._target(key)
             current, original = getattr(module, param), bk.weight
-            if original.device != current.device:  # the model moved while patched
+            if original.device != current.device:  # the model moved while patched: follow it
                 device = current.device
-                move = move or (lambda t: t.to(device))
-                original = int4.move_weight(original, move) if int4.is_int4(original) else \
+                original = int4.move_weight(original, lambda t: t.to(device)) if int4.is_int4(original) else \
                     torch.nn.Parameter(original.to(device), requires_grad=False)
             setattr(module, param, original)
         self.backup.clear()

@@ -141,20 +141,23 @@ def mixed_precision_ops(quant_config=None, compute_dtype=torch.bfloat16, full_pr
                 layer = prefix.rstrip(".")
                 if prefix + "comfy_quant" in state_dict:  # a format no loader here knows: say which
                     formats.resolve(state_dict[prefix + "comfy_quant"], layer)
-                weight = state_dict.pop(prefix + "weight", None)
+                weight = state_dict.get(prefix + "weight")
                 if weight is None:
                     missing_keys.append(prefix + "weight")
                     return
                 if tuple(weight.shape) != (self.out_features, self.in_features):
                     raise QuantizedLayerError(layer, "weight", f"shape {(self.out_features, self.in_features)}",
                                               tuple(weight.shape))
-                self.weight = torch.nn.Parameter(weight.to(**self.factory_kwargs), requires_grad=False)
-                bias = state_dict.pop(prefix + "bias", None)
+                bias = int4.checked_bias(self, state_dict.get(prefix + "bias"), layer)
+                # everything checked: only now is the module changed
+                self.weight = torch.nn.Parameter(state_dict.pop(prefix + "weight").to(**self.factory_kwargs),
+                                                 requires_grad=False)
                 if self.bias is not None:
                     if bias is None:
                         missing_keys.append(prefix + "bias")
                     else:
-                        self.bias = torch.nn.Parameter(bias.to(**self.factory_kwargs), requires_grad=False)
+                        self.bias = torch.nn.Parameter(state_dict.pop(prefix + "bias").to(**self.factory_kwargs),
+                                                       requires_grad=False)
 
             def _save_to_state_dict(self, destination, prefix, keep_vars):
                 if int4.save_linear(self, destination, prefix):

@@ -7,6 +7,7 @@ import logging
 import safetensors.torch
 import torch
 
+from comfy.quant import host as int4
 from comfy.quant.formats import decode_config, encode_config
 
 logger = logging.getLogger(__name__)
@@ -28,13 +29,7 @@ def load_torch_file(ckpt, safe_load=True, device=None, return_metadata=False):
 
 def save_torch_file(sd, ckpt, metadata=None):
     """Save as safetensors; tensors shared between keys (tied q/k/v side tensors) are written once each."""
-    seen, out = set(), {}
-    for k, v in sd.items():
-        v = v.contiguous()
-        ptr = (v.data_ptr(), v.untyped_storage().data_ptr()) if v.numel() else None
-        out[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    sd = out
+    sd = int4.saveable({k: v.contiguous() for k, v in sd.items()})
     safetensors.torch.save_file(sd, str(ckpt), metadata=metadata)
 
 

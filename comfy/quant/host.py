@@ -7,6 +7,7 @@ package. A host's linear module needs ``weight``, ``bias``, ``in_features``, ``o
 
 Mixed-precision ``Linear``
     ``load_linear(module, state_dict, prefix, missing_keys) -> bool``   in ``_load_from_state_dict``
+    ``checked_bias(module, bias, layer)``                              the same bias checks for float layers
     ``save_linear(module, destination, prefix) -> bool``                in ``state_dict``
     ``is_int4(weight)``, ``linear_forward(module, input, weight, bias)`` in the forward
     ``move_weight(param, fn)``                                         in ``_apply`` (keeps ties)
@@ -15,8 +16,9 @@ Models
     ``run_linear_group(input, modules)``   sibling projections on one input (q/k/v)
     ``tie_shared_quant(model)``            after loading weights
     ``quant_algos()``, ``layout_class(name)`` for ``quant_ops.QUANT_ALGOS`` and its layout registry
-Loading files
+Files
     ``prepare_state_dict(sd, metadata)``   Nunchaku checkpoints become native int4 tensors
+    ``saveable(sd)``                       shared tensors (tied q/k/v) cloned, as safetensors requires
 Model patcher (LoRA)
     ``patch_problem``, ``patch_weight``, ``group_is_patched``, ``Backup``   see ``comfy.quant.patching``
 """
@@ -26,8 +28,8 @@ import logging
 
 from comfy.quant import formats, kitchen, nunchaku
 from comfy.quant.deltas import as_parameter, output_terms
-from comfy.quant.layer import (is_int4, linear_forward, load_linear, move_weight, run_linear_group, save_linear,
-                               tie_shared_quant)
+from comfy.quant.layer import (checked_bias, is_int4, linear_forward, load_linear, move_weight, run_linear_group,
+                               save_linear, tie_shared_quant)
 from comfy.quant.patching import Backup, group_is_patched, patch_problem, patch_weight
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,17 @@ def prepare_state_dict(sd: dict, metadata: dict | None):
     return sd, metadata
 
 
-__all__ = ["Backup", "as_parameter", "group_is_patched", "is_int4", "layout_class", "linear_forward",
+def saveable(sd: dict) -> dict:
+    """``sd`` with every tensor that shares memory with an earlier one cloned: safetensors refuses shared
+    tensors, and tied q/k/v side tensors are shared on purpose. The tensors of ``sd`` are not changed."""
+    seen, out = set(), {}
+    for key, t in sd.items():
+        ptr = (t.untyped_storage().data_ptr(), t.data_ptr()) if t.numel() else None
+        out[key] = t.clone() if ptr is not None and ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
+__all__ = ["Backup", "as_parameter", "checked_bias", "group_is_patched", "is_int4", "layout_class", "linear_forward",
            "load_linear", "move_weight", "output_terms", "patch_problem", "patch_weight", "prepare_state_dict",
-           "quant_algos", "run_linear_group", "save_linear", "tie_shared_quant"]
+           "quant_algos", "run_linear_group", "save_linear", "saveable", "tie_shared_quant"]

@@ -54,7 +54,7 @@ def load_linear(module, state_dict, prefix, missing_keys) -> bool:
     device, compute_dtype = module.factory_kwargs["device"], module.factory_kwargs["dtype"]
     fmt = formats.get_format(conf["format"], layer)
     conf = fmt.parse_config(conf, layer)
-    bias = _checked_bias(module, state_dict.get(prefix + "bias"), layer)
+    bias = checked_bias(module, state_dict.get(prefix + "bias"), layer)
     qt = fmt.load(state_dict, prefix, conf, module.out_features, module.in_features, compute_dtype, device)
     state_dict.pop(prefix + "comfy_quant")
     module.weight = as_parameter(qt)
@@ -68,7 +68,8 @@ def load_linear(module, state_dict, prefix, missing_keys) -> bool:
     return True
 
 
-def _checked_bias(module, bias, layer):
+def checked_bias(module, bias, layer):
+    """``bias`` after the checks a linear's bias must pass (None when absent)."""
     if bias is None:
         return None
     if module.bias is None:
@@ -202,7 +203,7 @@ def move_weight(param, fn) -> torch.nn.Parameter:
     Output terms and the patched mark travel with the weight.
     """
     qt = param
-    device = fn(qt._qdata).device  # int8 codes: any dtype part of fn leaves them alone
+    device = fn(qt._qdata[:0]).device  # where fn sends tensors, learnt from an empty view (nothing copied)
     p = qt._params
     fields = {f: _moved_tensor(getattr(p, f), device) for f in p._tensor_fields()
               if isinstance(getattr(p, f), torch.Tensor)}

@@ -138,9 +138,8 @@ def patch_weight(model, key, patches, backup, device_to=None) -> None:
     module = _module_and_name(model, key)[0]
     if is_patched(module.weight):
         if device_to is not None and module.weight.device != torch.device(device_to):
-            fn = lambda t: t.to(device_to)  # noqa: E731  (one function: the members move together)
             for _, m in share_group(model, key, backup):
-                m.weight = move_weight(m.weight, fn)
+                m.weight = move_weight(m.weight, lambda t: t.to(device_to))
         return
     group = share_group(model, key, backup)
     bases = {k: _base(backup, k, m) for k, m in group}
