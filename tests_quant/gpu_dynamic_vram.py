@@ -23,8 +23,7 @@ switch back -> forward -> unpatch:
 * ``dynamic_switch_loop``: ``--switch-cycles`` LoRA <-> base switches through ``load_models_gpu`` on
   one ``ModelPatcherDynamic``, recording the VBAR's allocation offset after each.
 
-``--candidate-fix vbar-reuse,tie-by-device`` first applies, at run time, candidate changes found
-with this script (see docs/gpu-dynamic-vram.md); ``--latent N`` runs a larger input.
+``--latent N`` runs a larger input.
 
 Checks per path: finite outputs; base and LoRA outputs within ``tol`` of the plain path's; the LoRA
 delta (y1 - y0) within ``2 * tol`` of the plain path's delta; after the switch back, y2 within ``tol``
@@ -345,13 +344,32 @@ def _record_failure(path, step, e):
     logging.error("path %s failed at %s: %s\n%s", path, step, e, tb)
 
 
+def _switch_back_and_unload(ctx, P, T, base, dm, probe, snap):
+    """After a LoRA clone ran: ``load_models_gpu([base])``, forward (returned), ``unload_all_models``;
+    the patcher states and tensor snapshots go into ``P``."""
+    import comfy.model_management as mm
+    P["at"] = "switch back (load_models_gpu(base))"
+    with Timer(T, "load_models_gpu_switch_back"):
+        mm.load_models_gpu([base])
+    P["state_switched_back"] = state_of(base)
+    P["at"] = "forward after switch"
+    y2 = forward(dm, ctx.inputs, ctx.device, probe, T, "switched_back")
+    P["snapshot_after_switch_back"] = compare_snapshots(snap, snapshot(dm))
+    P["at"] = "unpatch (unload_all_models)"
+    with Timer(T, "unload_all_models"):
+        mm.unload_all_models()
+    P["state_unloaded"] = state_of(base)
+    P["snapshot_after_unpatch"] = compare_snapshots(snap, snapshot(dm))
+    return y2
+
+
 def run_plain(ctx):
     import comfy.sd
     import comfy.model_management as mm
     import nodes
     P = RESULT["paths"].setdefault("plain", {})
     T = P.setdefault("ms", {})
-    step = "load"
+    P["at"] = "load"
     try:
         with Timer(T, "load_file"):
             base = comfy.sd.load_diffusion_model(ctx.model, disable_dynamic=True)
@@ -359,38 +377,27 @@ def run_plain(ctx):
         snap = snapshot(dm)
         P["patcher"] = type(base).__name__
         probe = ForwardProbe(dm)
-        step = "load_models_gpu(base)"
+        P["at"] = "load_models_gpu(base)"
         with Timer(T, "load_models_gpu_base"):
             mm.load_models_gpu([base])
         P["state_base"] = state_of(base)
         P["qkv_tied_base"] = qkv_tied(dm)
-        step = "forward base"
+        P["at"] = "forward base"
         y0 = forward(dm, ctx.inputs, ctx.device, probe, T, "base_first")
         reps = [forward(dm, ctx.inputs, ctx.device, probe, T, f"base_rep{i}") for i in range(3)]
-        step = "LoRA attach"
+        P["at"] = "LoRA attach"
         with Timer(T, "lora_attach"):
             lora = nodes.LoraLoaderModelOnly().load_lora_model_only(base, ctx.lora_name, 1.0)[0]
         P["lora_patches"] = len(lora.patches)
-        step = "load_models_gpu(lora)"
+        P["at"] = "load_models_gpu(lora)"
         with Timer(T, "load_models_gpu_lora"):
             mm.load_models_gpu([lora])
         P["state_lora"] = state_of(lora)
         P["qkv_tied_lora"] = qkv_tied(dm)
-        step = "forward lora"
+        P["at"] = "forward lora"
         y1 = forward(dm, ctx.inputs, ctx.device, probe, T, "lora_first")
         reps1 = [forward(dm, ctx.inputs, ctx.device, probe, T, f"lora_rep{i}") for i in range(2)]
-        step = "switch back (load_models_gpu(base))"
-        with Timer(T, "load_models_gpu_switch_back"):
-            mm.load_models_gpu([base])
-        P["state_switched_back"] = state_of(base)
-        step = "forward after switch"
-        y2 = forward(dm, ctx.inputs, ctx.device, probe, T, "switched_back")
-        P["snapshot_after_switch_back"] = compare_snapshots(snap, snapshot(dm))
-        step = "unpatch (unload_all_models)"
-        with Timer(T, "unload_all_models"):
-            mm.unload_all_models()
-        P["state_unloaded"] = state_of(base)
-        P["snapshot_after_unpatch"] = compare_snapshots(snap, snapshot(dm))
+        y2 = _switch_back_and_unload(ctx, P, T, base, dm, probe, snap)
         probe.close()
 
         spread0 = max(diff(r, y0)["max_abs"] for r in reps)
@@ -414,7 +421,7 @@ def run_plain(ctx):
             "lora_patches_36": P["lora_patches"] == 36,
         }
     except Exception as e:  # noqa: BLE001
-        _record_failure("plain", step, e)
+        _record_failure("plain", P.get("at"), e)
     finally:
         try:
             mm.unload_all_models()
@@ -448,7 +455,7 @@ def run_lowvram(ctx, frac):
     name = f"lowvram_{frac:g}"
     P = RESULT["paths"].setdefault(name, {})
     T = P.setdefault("ms", {})
-    step = "load"
+    P["at"] = "load"
     try:
         with Timer(T, "load_file"):
             base = comfy.sd.load_diffusion_model(ctx.model, disable_dynamic=True)
@@ -459,38 +466,38 @@ def run_lowvram(ctx, frac):
         P["model_size_kb"], P["lowvram_model_memory_kb"] = size // 1024, budget / 1024
         probe = ForwardProbe(dm)
         dev = ctx.device
-        step = "patch_model(base, lowvram)"
+        P["at"] = "patch_model(base, lowvram)"
         with Timer(T, "patch_model_base"):
             base.patch_model(device_to=dev, lowvram_model_memory=budget)
         P["state_base"] = state_of(base)
-        step = "forward base"
+        P["at"] = "forward base"
         y0 = forward(dm, ctx.inputs, dev, probe, T, "base_first")
         forward(dm, ctx.inputs, dev, probe, T, "base_rep0")
-        step = "unpatch_model(base)"
+        P["at"] = "unpatch_model(base)"
         with Timer(T, "unpatch_base"):
             base.unpatch_model(device_to=base.offload_device)
-        step = "LoRA attach"
+        P["at"] = "LoRA attach"
         with Timer(T, "lora_attach"):
             lora = nodes.LoraLoaderModelOnly().load_lora_model_only(base, ctx.lora_name, 1.0)[0]
         P["lora_patches"] = len(lora.patches)
-        step = "patch_model(lora, lowvram)"
+        P["at"] = "patch_model(lora, lowvram)"
         with Timer(T, "patch_model_lora"):
             lora.patch_model(device_to=dev, lowvram_model_memory=budget)
         P["state_lora"] = state_of(lora)
-        step = "forward lora"
+        P["at"] = "forward lora"
         y1 = forward(dm, ctx.inputs, dev, probe, T, "lora_first")
         forward(dm, ctx.inputs, dev, probe, T, "lora_rep0")
-        step = "unpatch_model(lora)"
+        P["at"] = "unpatch_model(lora)"
         with Timer(T, "unpatch_lora"):
             lora.unpatch_model(device_to=lora.offload_device)
         P["state_lora_unpatched"] = state_of(lora)
         P["snapshot_after_lora_unpatch"] = compare_snapshots(snap, snapshot(dm))
-        step = "switch back: patch_model(base, lowvram)"
+        P["at"] = "switch back: patch_model(base, lowvram)"
         with Timer(T, "patch_model_switch_back"):
             base.patch_model(device_to=dev, lowvram_model_memory=budget)
-        step = "forward after switch"
+        P["at"] = "forward after switch"
         y2 = forward(dm, ctx.inputs, dev, probe, T, "switched_back")
-        step = "final unpatch_model(base)"
+        P["at"] = "final unpatch_model(base)"
         with Timer(T, "unpatch_final"):
             base.unpatch_model(device_to=base.offload_device)
         P["state_unloaded"] = state_of(base)
@@ -501,7 +508,7 @@ def run_lowvram(ctx, frac):
         RESULT["checks"][name]["unpatch_restores_int4_tensors"] = P["snapshot_after_unpatch"]["bit_equal"]
         RESULT["checks"][name]["partial_load"] = P["state_base"]["model_lowvram"]
     except Exception as e:  # noqa: BLE001
-        _record_failure(name, step, e)
+        _record_failure(name, P.get("at"), e)
 
 
 def run_dynamic(ctx):
@@ -509,7 +516,7 @@ def run_dynamic(ctx):
     import nodes
     P = RESULT["paths"].setdefault("dynamic", {})
     T = P.setdefault("ms", {})
-    step = "load (UNETLoader)"
+    P["at"] = "load (UNETLoader)"
     try:
         with Timer(T, "load_file"):
             base = nodes.UNETLoader().load_unet(os.path.basename(ctx.model), "default")[0]
@@ -518,28 +525,28 @@ def run_dynamic(ctx):
         snap = snapshot(dm)
         P["qkv_tied_loaded"] = qkv_tied(dm)
         probe = ForwardProbe(dm)
-        step = "load_models_gpu(base)"
+        P["at"] = "load_models_gpu(base)"
         with Timer(T, "load_models_gpu_base"):
             mm.load_models_gpu([base])
         P["state_base"] = state_of(base)
-        step = "forward base"
+        P["at"] = "forward base"
         y0 = forward(dm, ctx.inputs, ctx.device, probe, T, "base_first")
         y0r = forward(dm, ctx.inputs, ctx.device, probe, T, "base_rep0")
         P["base_repeat"] = diff(y0r, y0)
-        step = "LoRA attach (LoraLoaderModelOnly)"
+        P["at"] = "LoRA attach (LoraLoaderModelOnly)"
         with Timer(T, "lora_attach"):
             lora = nodes.LoraLoaderModelOnly().load_lora_model_only(base, ctx.lora_name, 1.0)[0]
         P["lora_patcher"] = type(lora).__name__
         P["lora_patches"] = len(lora.patches)
-        step = "load_models_gpu(lora)"
+        P["at"] = "load_models_gpu(lora)"
         with Timer(T, "load_models_gpu_lora"):
             mm.load_models_gpu([lora])
         P["state_lora"] = state_of(lora)
-        step = "forward lora"
+        P["at"] = "forward lora"
         y1 = forward(dm, ctx.inputs, ctx.device, probe, T, "lora_first")
         y1r = forward(dm, ctx.inputs, ctx.device, probe, T, "lora_rep0")
         P["lora_repeat"] = diff(y1r, y1)
-        step = "evict under pressure (partially_unload(None, 1e32)) + reload lora"
+        P["at"] = "evict under pressure (partially_unload(None, 1e32)) + reload lora"
         with Timer(T, "evict"):
             freed = lora.partially_unload(None, 1e32)
         P["evicted_kb"] = int(freed or 0) // 1024
@@ -551,19 +558,8 @@ def run_dynamic(ctx):
         P["state_lora_reloaded"] = state_of(lora)
         y1e = forward(dm, ctx.inputs, ctx.device, probe, T, "lora_after_evict")
         P["lora_after_evict_vs_lora"] = diff(y1e, y1)
-        step = "switch back (load_models_gpu(base))"
-        with Timer(T, "load_models_gpu_switch_back"):
-            mm.load_models_gpu([base])
-        P["state_switched_back"] = state_of(base)
-        step = "forward after switch"
-        y2 = forward(dm, ctx.inputs, ctx.device, probe, T, "switched_back")
-        P["snapshot_after_switch_back"] = compare_snapshots(snap, snapshot(dm))
-        step = "unpatch (unload_all_models)"
-        with Timer(T, "unload_all_models"):
-            mm.unload_all_models()
-        P["state_unloaded"] = state_of(base)
-        P["snapshot_after_unpatch"] = compare_snapshots(snap, snapshot(dm))
-        step = "forward after unload (re-fault)"
+        y2 = _switch_back_and_unload(ctx, P, T, base, dm, probe, snap)
+        P["at"] = "forward after unload (re-fault)"
         with Timer(T, "load_models_gpu_again"):
             mm.load_models_gpu([base])
         y3 = forward(dm, ctx.inputs, ctx.device, probe, T, "after_reload")
@@ -579,7 +575,7 @@ def run_dynamic(ctx):
             c["lora_after_evict_matches"] = P["lora_after_evict_vs_lora"]["max_abs"] <= CTX.ref["tol"]
             c["reload_matches"] = P["reload_vs_y0"]["max_abs"] <= CTX.ref["tol"]
     except Exception as e:  # noqa: BLE001
-        _record_failure("dynamic", step, e)
+        _record_failure("dynamic", P.get("at"), e)
     finally:
         try:
             mm.unload_all_models()
@@ -602,7 +598,7 @@ def run_dynamic_switch_loop(ctx, cycles):
     import nodes
     P = RESULT["paths"].setdefault("dynamic_switch_loop", {})
     T = P.setdefault("ms", {})
-    step = "load"
+    P["at"] = "load"
     try:
         base = nodes.UNETLoader().load_unet(os.path.basename(ctx.model), "default")[0]
         dm = base.model.diffusion_model
@@ -613,11 +609,11 @@ def run_dynamic_switch_loop(ctx, cycles):
         P["vbar"] = [("base", _vbar_info(base))]
         worst = {"base": 0.0, "lora": 0.0}
         for i in range(cycles):
-            step = f"cycle {i}: load_models_gpu(lora)"
+            P["at"] = f"cycle {i}: load_models_gpu(lora)"
             with Timer(T, f"cycle{i}_load_lora"):
                 mm.load_models_gpu([lora])
             y1 = forward(dm, ctx.inputs, ctx.device)
-            step = f"cycle {i}: load_models_gpu(base)"
+            P["at"] = f"cycle {i}: load_models_gpu(base)"
             with Timer(T, f"cycle{i}_load_base"):
                 mm.load_models_gpu([base])
             y2 = forward(dm, ctx.inputs, ctx.device)
@@ -626,7 +622,7 @@ def run_dynamic_switch_loop(ctx, cycles):
                 worst["lora"] = max(worst["lora"], diff(y1, CTX.ref["y1"])["max_abs"])
                 worst["base"] = max(worst["base"], diff(y2, CTX.ref["y0"])["max_abs"])
             P["cycles_done"] = i + 1
-        step = "unload_all_models"
+        P["at"] = "unload_all_models"
         mm.unload_all_models()
         P["snapshot_after_unpatch"] = compare_snapshots(snap, snapshot(dm))
         P["worst_vs_plain"] = worst
@@ -636,97 +632,13 @@ def run_dynamic_switch_loop(ctx, cycles):
         if CTX.ref is not None:
             c["outputs_match_plain"] = max(worst.values()) <= CTX.ref["tol"]
     except Exception as e:  # noqa: BLE001
-        _record_failure("dynamic_switch_loop", step, e)
+        _record_failure("dynamic_switch_loop", P.get("at"), e)
         RESULT["checks"]["dynamic_switch_loop"] = {"all_cycles_ran": False}
     finally:
         try:
             mm.unload_all_models()
         except Exception:  # noqa: BLE001
             pass
-
-
-# A candidate change to the patch, tried at run time (``--candidate-fix vbar-reuse``): a force-loaded
-# module keeps its VBAR allocation aside and takes it back when it is streamed again, instead of the
-# bump allocator handing out a new range on every LoRA -> base switch. Source rewrite of
-# ModelPatcherDynamic.load; the exact upstream lines are asserted so a drift is loud.
-_FIX_OLD_1 = """                        if hasattr(m, "_v"):
-                            comfy_aimdo.model_vbar.vbar_unpin(m._v)
-                            delattr(m, "_v")
-"""
-_FIX_NEW_1 = """                        if hasattr(m, "_v"):
-                            comfy_aimdo.model_vbar.vbar_unpin(m._v)
-                            m._v_spare = m._v  # candidate fix: reused when this module streams again
-                            delattr(m, "_v")
-"""
-_FIX_OLD_2 = """                        if vbar is not None and not hasattr(m, "_v"):
-                            m._v = vbar.alloc(v_weight_size)
-"""
-_FIX_NEW_2 = """                        if vbar is not None and not hasattr(m, "_v"):
-                            spare = m.__dict__.pop("_v_spare", None)
-                            if spare is not None and spare[0] is vbar and spare[2] >= v_weight_size:
-                                m._v = spare
-                                m._v_signature = None
-                            else:
-                                m._v = vbar.alloc(v_weight_size)
-"""
-
-
-def _tie_by_device_move_weight():
-    """``comfy.quant.layer.move_weight`` with its memo keyed by (source tensor, target device) and held
-    weakly, instead of one memo per move function: upstream's ModelPatcher moves module by module
-    (one ``Module.to`` each), which with a per-function memo gives q/k/v their own copies."""
-    import dataclasses as dc
-    import weakref
-    import torch
-    from comfy.quant import kitchen
-    from comfy.quant.deltas import as_parameter, output_terms
-    memo = {}
-
-    def move_weight(param, fn):
-        qt = param
-        device = fn(qt._qdata).device
-
-        def moved(t):
-            if t.device == device:
-                return t
-            key = (id(t), str(device))
-            hit = memo.get(key)
-            if hit is not None and hit[0]() is t and hit[1]() is not None:
-                return hit[1]()
-            out = t.to(device)
-            memo[key] = (weakref.ref(t), weakref.ref(out))
-            return out
-
-        p = qt._params
-        fields = {f: moved(getattr(p, f)) for f in p._tensor_fields() if isinstance(getattr(p, f), torch.Tensor)}
-        new = kitchen.QuantizedTensor(moved(qt._qdata), qt._layout_cls, dc.replace(p, **fields))
-        out = as_parameter(new, output_terms(param))
-        if hasattr(param, "int4_base"):
-            out.int4_base = param.int4_base
-        return out
-    return move_weight
-
-
-def apply_candidate_fix(name):
-    import inspect
-    import textwrap
-    import comfy.model_patcher as mp
-    if name == "tie-by-device":
-        import comfy.quant.host
-        import comfy.quant.layer
-        import comfy.quant.patching
-        mw = _tie_by_device_move_weight()
-        comfy.quant.layer.move_weight = comfy.quant.host.move_weight = comfy.quant.patching.move_weight = mw
-        RESULT["env"].setdefault("candidate_fix", []).append(name)
-        return
-    assert name == "vbar-reuse", name
-    src = inspect.getsource(mp.ModelPatcherDynamic.load)
-    assert src.count(_FIX_OLD_1) == 1 and src.count(_FIX_OLD_2) == 1, "upstream ModelPatcherDynamic.load drifted"
-    src = textwrap.dedent(src.replace(_FIX_OLD_1, _FIX_NEW_1).replace(_FIX_OLD_2, _FIX_NEW_2))
-    ns = {}
-    exec(compile(src, mp.__file__ + " (ModelPatcherDynamic.load, candidate fix)", "exec"), mp.__dict__, ns)
-    mp.ModelPatcherDynamic.load = ns["load"]
-    RESULT["env"].setdefault("candidate_fix", []).append(name)
 
 
 class _Ctx:
@@ -746,11 +658,6 @@ def main(argv=None):
     ap.add_argument("--lowvram-fracs", default="0.5,0", help="fractions of the model size for the low-VRAM loads")
     ap.add_argument("--switch-cycles", type=int, default=16, help="LoRA <-> base switches in dynamic_switch_loop")
     ap.add_argument("--only", default="plain,dynamic,lowvram,switch_loop", help="which paths to run (comma list)")
-    ap.add_argument("--candidate-fix", default=None,
-                    help="comma list of candidate changes to try first (experiments): vbar-reuse "
-                         "(ModelPatcherDynamic.load keeps a force-loaded module's VBAR allocation), "
-                         "tie-by-device (comfy.quant move_weight memo keyed by tensor and device: the approach "
-                         "comfy/quant/layer.py takes since 566606c)")
     ap.add_argument("--latent", type=int, default=None, help="latent H = W of the demo input (default: demo's 32)")
     a = ap.parse_args(argv)
     upstream, out = os.path.abspath(a.upstream), os.path.abspath(a.out)
@@ -782,13 +689,6 @@ def main(argv=None):
     torch.manual_seed(0)
 
     only = set(a.only.split(","))
-    if a.candidate_fix:
-        try:
-            for fix in a.candidate_fix.split(","):
-                apply_candidate_fix(fix)
-        except Exception as e:  # noqa: BLE001
-            _record_failure("setup", "candidate fix", e)
-            return _write(out, t_start)
     if "plain" in only:
         run_plain(CTX)
     if "dynamic" in only:
