@@ -129,7 +129,7 @@ def linear_forward(module, input, weight=None, bias=None):
     bias = module.bias if bias is None else bias
     if bias is not None:
         bias = bias.to(device=x.device, dtype=dtype)
-    out = torch.nn.functional.linear(x, weight, bias)
+    out = formats.format_of(weight).forward(x, weight, bias)
     return _add_output_terms(output_terms(module.weight), input, out).to(input.dtype)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 
 from comfy.quant import deltas as D
-from comfy.quant import kitchen
+from comfy.quant import kernels, kitchen
 from comfy.quant.errors import QuantizedLayerError
 from comfy.quant.formats.base import QuantFormat, TensorSlot
 
@@ -42,6 +42,12 @@ class AWQW4A16(QuantFormat):
     def state_dict(self, qt):
         p = qt._params
         return {"weight": qt._qdata, "weight_scale": p.scale, "weight_zeros": p.zeros}
+
+    def forward(self, x, qt, bias):
+        kernel = kernels.awq_kernel(x.device, x.numel() // max(1, x.shape[-1]))
+        if kernel is not None and kernel.supports(x, qt):
+            return kernel.linear(x, qt, bias)
+        return super().forward(x, qt, bias)
 
     def describe_delta(self, rank):
         return f"additive rank-{rank} output term" if rank is not None else "additive dense output term (exact)"

@@ -140,6 +140,11 @@ class QuantFormat:
         """The dtype of the side tensors (set at load), which the input must be cast to."""
         return qt._params.scale.dtype
 
+    def forward(self, x: torch.Tensor, qt, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ Wᵀ + bias`` for a weight on ``x``'s device in ``x``'s dtype: kitchen's kernels by default;
+        a format overrides this to run the project's kernel where ``comfy.quant.kernels`` picks it."""
+        return torch.nn.functional.linear(x, qt, bias)
+
     def share_key(self, qt):
         """Hashable key equal for weights whose activation quantization can be shared, else None."""
         return None

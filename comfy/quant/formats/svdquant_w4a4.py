@@ -13,7 +13,7 @@ import re
 import torch
 
 from comfy.quant import deltas as D
-from comfy.quant import kitchen
+from comfy.quant import kernels, kitchen
 from comfy.quant.errors import QuantizedLayerError
 from comfy.quant.formats.base import QuantFormat, TensorSlot
 
@@ -87,7 +87,16 @@ class SVDQuantW4A4(QuantFormat):
         p = qt._params
         return (self.name, p.smooth_factor.data_ptr(), p.proj_down.data_ptr(), bool(p.act_unsigned))
 
+    def forward(self, x, qt, bias):
+        kernel = kernels.w4a4_kernel(x.device)
+        if kernel is not None and kernel.supports(x, qt):
+            return kernel.linear(x, qt, bias)
+        return super().forward(x, qt, bias)
+
     def grouped_forward(self, x, weights, biases):
+        kernel = kernels.w4a4_kernel(x.device)
+        if kernel is not None and all(kernel.supports(x, w) for w in weights):
+            return kernel.grouped_linear(x, weights, biases)
         # callers check share_key on the resident weights; copies moved to x's device for this call
         # hold equal but distinct tensors, so kitchen is told to trust that check
         return kitchen.kitchen_tensor.svdquant_w4a4_grouped_linear(x, weights, biases, assume_shared_quant=True)

@@ -1,0 +1,121 @@
+"""Which kernel runs an int4 layer: the project's Triton kernels or comfy-kitchen's, chosen per device.
+
+``COMFY_INT4_KERNELS`` (read at import; ``set_mode`` / ``forced`` change it at run time):
+
+- ``auto`` (default): the project's Triton kernels on devices where they were measured faster than
+  kitchen's (Hopper, compute capability 9.x; ``docs/benchmarks.md``), kitchen's everywhere else;
+- ``triton``: the project's kernels wherever Triton can run them (CUDA; on the CPU through Triton's
+  interpreter, which is slow and meant for tests);
+- ``kitchen``: kitchen's kernels always.
+
+The kernels live in ``triton_w4a4`` and ``triton_awq``; those modules import Triton, so they are
+imported only when first chosen. A format asks ``w4a4_kernel(device)`` / ``awq_kernel(device, rows)``
+and gets the module to call, or None for kitchen's path.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENV = "COMFY_INT4_KERNELS"
+MODES = ("auto", "triton", "kitchen")
+# AWQ rows up to which the project's GEMV kernel is used in auto mode (measured faster up to here on an H200)
+AWQ_AUTO_MAX_ROWS = 256
+
+
+class KernelModeError(ValueError):
+    """A kernel mode that does not exist, or ``triton`` forced where Triton cannot run."""
+
+
+def _checked(mode: str) -> str:
+    if mode not in MODES:
+        raise KernelModeError(f"{ENV}: expected one of {list(MODES)}, got {mode!r}")
+    return mode
+
+
+_mode = _checked(os.environ.get(ENV, "auto").strip().lower() or "auto")
+
+
+def mode() -> str:
+    return _mode
+
+
+def set_mode(new: str) -> str:
+    """Set the kernel mode; returns the previous one."""
+    global _mode
+    old, _mode = _mode, _checked(new)
+    return old
+
+
+@contextlib.contextmanager
+def forced(new: str):
+    """``with forced("kitchen"): ...`` runs the block under another kernel mode."""
+    old = set_mode(new)
+    try:
+        yield
+    finally:
+        set_mode(old)
+
+
+_modules: dict = {}
+_unavailable: dict = {}
+
+
+def _load(name: str):
+    """``comfy.quant.kernels.<name>``, or None (reason kept) when Triton cannot be imported."""
+    if name in _modules:
+        return _modules[name]
+    if name in _unavailable:
+        return None
+    try:
+        mod = importlib.import_module(f"{__name__}.{name}")
+    except Exception as e:  # no Triton (CPU wheels), or a Triton too old for the kernels
+        _unavailable[name] = f"{type(e).__name__}: {e}"
+        logger.info("project int4 kernels unavailable (%s); using comfy-kitchen's", _unavailable[name])
+        return None
+    _modules[name] = mod
+    return mod
+
+
+def unavailable_reason(name: str) -> str | None:
+    _load(name)
+    return _unavailable.get(name)
+
+
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _pick(name: str, device: torch.device, auto_ok: bool):
+    m = _mode
+    if m == "kitchen" or (m == "auto" and not (auto_ok and _hopper(device))):
+        return None
+    if device.type not in ("cuda", "cpu"):
+        return None
+    mod = _load(name)
+    if mod is None and m == "triton":
+        raise KernelModeError(f"{ENV}=triton but the project's kernels cannot run: {_unavailable[name]}")
+    return mod
+
+
+def w4a4_kernel(device: torch.device):
+    """The module running SVDQuant W4A4 on ``device`` (``linear``, ``grouped_linear``), or None for kitchen."""
+    return _pick("triton_w4a4", device, auto_ok=True)
+
+
+def awq_kernel(device: torch.device, rows: int):
+    """The module running AWQ W4A16 for ``rows`` input rows on ``device`` (``linear``), or None for kitchen."""
+    return _pick("triton_awq", device, auto_ok=rows <= AWQ_AUTO_MAX_ROWS)
+
+
+def describe(device: torch.device) -> dict:
+    """Which kernel each format runs on ``device`` under the current mode (for logs and the benchmark)."""
+    return {"mode": _mode,
+            "svdquant_w4a4": "triton" if w4a4_kernel(device) else "kitchen",
+            f"awq_w4a16 (<= {AWQ_AUTO_MAX_ROWS} rows)": "triton" if awq_kernel(device, 1) else "kitchen"}

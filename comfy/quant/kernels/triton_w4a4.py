@@ -1,0 +1,247 @@
+"""SVDQuant W4A4 on int8 tensor cores: activation quantization and the int4 GEMM with the low-rank branch.
+
+Hopper has no int4 tensor-core instruction, so the nibbles are widened to int8 and multiplied on the
+int8 tensor cores; the format's per-64-group scales are applied per group in fp32.
+
+``quantize`` (one pass over x): per row and 64-channel group, the codes kitchen's eager quantizer
+emits, computed with the same roundings in the compute dtype (shift, division by the smoothing
+factor, absmax/7 or absmax/15, division, round half to even, clamp), so the codes and scales are
+bit-identical to ``comfy_kitchen.quantize_svdquant_w4a4``. Codes are stored one per byte, each group
+as its 32 even columns then its 32 odd columns (the order of the weight's low and high nibbles);
+scales as fp32 ``(K/64, M_pad)``; rows are padded to a multiple of 256 with zero codes and scales,
+as kitchen pads them.
+
+``gemm``: ``y = Σ_g a[m,g]·w[g,n]·D_g[m,n] + lora_act @ proj_upᵀ + bias`` with ``D_g`` the exact int32
+dot product of group g. ``D_g`` becomes fp32 without a conversion instruction: the tensor cores
+accumulate onto ``0x4B400000`` (1.5·2²³), so the int32 result read as fp32 is ``1.5·2²³ + D_g``
+exactly (|D_g| ≤ 64·15·8 < 2²²), and one fused multiply-add with the exact constant ``-1.5·2²³·w``
+gives ``D_g·w`` rounded once. The low-rank branch (its appended LoRA ranks included) runs on the
+tensor cores in the compute dtype, in the same kernel. No atomics: every output is written once by
+one program, so results are bit-identical from call to call.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+GROUP = 64
+ROW_PAD = 256  # kitchen pads activation rows to this
+MAGIC_BITS = 0x4B400000  # fp32 12582912.0 = 1.5·2²³
+MAGIC = 12582912.0
+SHIFT = 0.171875  # main-path shift of unsigned (post-GELU) layers
+
+
+@triton.jit
+def _round(v, BF16: tl.constexpr):
+    """fp32 ``v`` rounded to the compute dtype (nearest, ties to even) and back to fp32.
+
+    bf16 rounds by integer arithmetic on the bits, which is exact everywhere (Triton's interpreter
+    truncates in its own fp32 -> bf16 conversion); inputs are finite.
+    """
+    if BF16:
+        bits = v.to(tl.int32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        return (bits & -65536).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, smooth_ptr, q_ptr, s_ptr, M, M_pad, K, stride_xm, eps,
+                     SHIFTED: tl.constexpr, QMAX: tl.constexpr, QMIN: tl.constexpr, BF16: tl.constexpr,
+                     BLOCK_M: tl.constexpr, GROUPS: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    real = rows < M
+    c = tl.arange(0, 64)
+    dest = (c % 2) * 32 + c // 2  # even columns first, then odd: the weight's nibble order
+    for i in tl.static_range(GROUPS):
+        g = tl.program_id(1) * GROUPS + i
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + (g * 64 + c)[None, :], mask=real[:, None], other=0.0)
+        xf = x.to(tl.float32)
+        if SHIFTED:
+            xf = _round(xf + 0.171875, BF16)
+        sm = tl.load(smooth_ptr + g * 64 + c).to(tl.float32)
+        xs = _round(tl.math.div_rn(xf, sm[None, :]), BF16)
+        amax = tl.maximum(tl.max(tl.abs(xs), axis=1), eps)
+        scale = _round(tl.math.div_rn(amax, QMAX), BF16)
+        r = _round(tl.math.div_rn(xs, scale[:, None]), BF16)
+        fl = tl.floor(r)
+        frac = r - fl  # exact; round half to even:
+        odd = (fl - 2.0 * tl.floor(fl * 0.5)) == 1.0
+        q = fl + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
+        q = tl.minimum(tl.maximum(q, QMIN), QMAX)
+        q = tl.where(real[:, None] & (scale[:, None] > 0), q, 0.0)  # an fp16 all-zero group: scale 0, codes 0
+        tl.store(q_ptr + rows[:, None] * K + (g * 64 + dest)[None, :], q.to(tl.int8), mask=(rows < M_pad)[:, None])
+        tl.store(s_ptr + g * M_pad + rows, tl.where(real, scale, 0.0), mask=rows < M_pad)
+
+
+@triton.jit
+def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
+                 M, N, M_pad, R, stride_la, stride_up, stride_ym,
+                 K: tl.constexpr, R_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC_FMA: tl.constexpr, DOT_F32: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    # program -> (pid_m, pid_n), GROUP_M row blocks at a time so neighbouring programs share weights in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # < M_pad: BLOCK_M divides ROW_PAD
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_in = rn % N  # in-range row of the weight for loads; stores are masked
+    k32 = tl.arange(0, 32)
+    a_ptrs = q_ptr + rm[:, None] * K + k32[None, :]
+    w_ptrs = w_ptr + rn_in[:, None] * (K // 2) + k32[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, K // 64):  # loop bounds are compile-time: Triton's interpreter needs that
+        a_even = tl.load(a_ptrs + g * 64)
+        a_odd = tl.load(a_ptrs + g * 64 + 32)
+        wb = tl.load(w_ptrs + g * 32)
+        lo = (wb << 4) >> 4  # signed nibbles: low = even column
+        hi = wb >> 4
+        sa = tl.load(as_ptr + g * M_pad + rm)
+        sw = tl.load(ws_ptr + g * N + rn_in).to(tl.float32)
+        if MAGIC_FMA:
+            d = tl.dot(a_even, tl.trans(lo), acc=tl.full((BLOCK_M, BLOCK_N), 0x4B400000, tl.int32),
+                       out_dtype=tl.int32)
+            d = tl.dot(a_odd, tl.trans(hi), acc=d, out_dtype=tl.int32)
+            t = tl.fma(d.to(tl.float32, bitcast=True), sw[None, :], (-12582912.0 * sw)[None, :])
+        else:  # plain conversion; exact too (used where fma is not fused, e.g. Triton's interpreter)
+            d = tl.dot(a_even, tl.trans(lo), out_dtype=tl.int32)
+            d = tl.dot(a_odd, tl.trans(hi), acc=d, out_dtype=tl.int32)
+            t = d.to(tl.float32) * sw[None, :]
+        acc = tl.fma(t, sa[:, None], acc)
+
+    rr = tl.arange(0, BLOCK_R)
+    for rb in range(0, R_BLOCKS):
+        r0 = rb * BLOCK_R
+        rmask = (r0 + rr) < R
+        la = tl.load(la_ptr + rm[:, None] * stride_la + (r0 + rr)[None, :], mask=(rm < M)[:, None] & rmask[None, :],
+                     other=0.0)
+        up = tl.load(up_ptr + rn_in[:, None] * stride_up + (r0 + rr)[None, :], mask=rmask[None, :], other=0.0)
+        if DOT_F32:  # Triton's interpreter multiplies bf16 as raw bits; products of halves are exact in fp32
+            acc = tl.dot(la.to(tl.float32), tl.trans(up.to(tl.float32)), acc=acc, input_precision="ieee")
+        else:
+            acc = tl.dot(la, tl.trans(up), acc=acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+# Triton runs CPU tensors only in its interpreter, which it enables at import (TRITON_INTERPRET=1)
+INTERPRETED = isinstance(_gemm_kernel, InterpretedFunction)
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether these kernels can run on ``device``: CUDA compiled, the CPU under Triton's interpreter."""
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRETED)
+
+
+def _launcher(kernel, device):
+    if not runs_on(device):
+        raise RuntimeError(f"Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before Triton is "
+                           f"imported to run on the CPU; got {device}")
+    return kernel
+
+
+def padded_rows(m: int) -> int:
+    return -(-m // ROW_PAD) * ROW_PAD
+
+
+def quantize(x: torch.Tensor, smooth: torch.Tensor, act_unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int4 codes (one per byte, nibble order) ``(M_pad, K)`` int8 and scales ``(K/64, M_pad)`` fp32 of ``x`` (M, K).
+
+    ``x`` is the raw input: the 0.171875 shift of an unsigned layer is applied here.
+    """
+    m, k = x.shape
+    m_pad = padded_rows(m)
+    q = torch.empty(m_pad, k, dtype=torch.int8, device=x.device)
+    s = torch.empty(k // GROUP, m_pad, dtype=torch.float32, device=x.device)
+    eps = float(torch.tensor(1e-10, dtype=x.dtype))  # kitchen clamps absmax at 1e-10 in the compute dtype
+    groups = 4 if (k // GROUP) % 4 == 0 else 1
+    block_m = 32
+    grid = (m_pad // block_m, k // GROUP // groups)
+    _launcher(_quantize_kernel, x.device)[grid](
+        x, smooth, q, s, m, m_pad, k, x.stride(0), eps,
+        SHIFTED=act_unsigned, QMAX=15.0 if act_unsigned else 7.0, QMIN=0.0 if act_unsigned else -7.0,
+        BF16=x.dtype == torch.bfloat16, BLOCK_M=block_m, GROUPS=groups, num_warps=4)
+    return q, s
+
+
+def lora_activation(x: torch.Tensor, proj_down: torch.Tensor) -> torch.Tensor:
+    """The low-rank branch's input ``x @ proj_down`` (M, R), on raw x, in the compute dtype."""
+    return x @ proj_down
+
+
+def _config(m: int, n: int, device) -> dict:
+    """Tile sizes by problem size (measured on an H200; see docs/benchmarks.md)."""
+    if device.type != "cuda":
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_R=16, GROUP_M=4, num_warps=4)
+    if m <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=32, GROUP_M=4, num_warps=4, num_stages=4)
+    if m <= 1024 and n <= 3072:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_R=32, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=32, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def gemm(q: torch.Tensor, ascales: torch.Tensor, m: int, weight: torch.Tensor, wscales: torch.Tensor,
+         lora_act: torch.Tensor | None, proj_up: torch.Tensor, bias: torch.Tensor | None,
+         out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """``(M, N)`` output of the int4 GEMM on quantized activations plus the low-rank branch and bias."""
+    n, k = weight.shape[0], weight.shape[1] * 2
+    m_pad = q.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=q.device)
+    rank = 0 if lora_act is None else lora_act.shape[1]
+    cfg = dict(_config(m, n, q.device) if config is None else config)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    la = lora_act if rank else y
+    up = proj_up if rank else y
+    _launcher(_gemm_kernel, q.device)[grid](
+        q, ascales, weight, wscales, la, up, y if bias is None else bias, y,
+        m, n, m_pad, rank, la.stride(0), up.stride(0), y.stride(0),
+        K=k, R_BLOCKS=triton.cdiv(rank, cfg["BLOCK_R"]), HAS_BIAS=bias is not None, MAGIC_FMA=cfg.pop("MAGIC_FMA", q.device.type == "cuda"),
+        DOT_F32=INTERPRETED, **cfg)
+    return y
+
+
+def supports(x: torch.Tensor, weight) -> bool:
+    """Whether these kernels take this call (contiguous int8 codes, K a multiple of 64; any M and N)."""
+    p = weight._params
+    k = weight._qdata.shape[1] * 2
+    return (k % GROUP == 0 and weight._qdata.is_contiguous() and p.scale.is_contiguous()
+            and x.dtype in (torch.bfloat16, torch.float16) and p.scale.dtype == x.dtype)
+
+
+def _side(weight):
+    p = weight._params
+    return weight._qdata, p.scale, p.proj_down, p.proj_up, p.smooth_factor, bool(p.act_unsigned)
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for an SVDQuant W4A4 ``QuantizedTensor`` weight."""
+    return grouped_linear(x, [weight], [bias])[0]
+
+
+def grouped_linear(x: torch.Tensor, weights, biases) -> list[torch.Tensor]:
+    """One output per weight; the weights share ``smooth_factor``, ``proj_down`` and ``act_unsigned``
+    (the caller checked), so the activation is quantized once and the low-rank input computed once."""
+    qdata, _, proj_down, _, smooth, unsigned = _side(weights[0])
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    q, s = quantize(x2, smooth, unsigned)
+    la = lora_activation(x2, proj_down) if proj_down.shape[1] else None
+    outs = []
+    for w, b in zip(weights, biases):
+        qd, wscales, _, proj_up, _, _ = _side(w)
+        y = gemm(q, s, x2.shape[0], qd, wscales, la, proj_up, b, x.dtype)
+        outs.append(y.reshape(*lead, qd.shape[0]))
+    return outs

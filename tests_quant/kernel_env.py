@@ -1,0 +1,18 @@
+"""Where the project's Triton kernels can be tested: a CUDA device, or the CPU under Triton's interpreter.
+
+On a machine without CUDA, ``conftest.py`` sets ``TRITON_INTERPRET=1`` before anything imports
+Triton, so the same kernels run (slowly) on CPU tensors at small shapes.
+"""
+import pytest
+import torch
+
+from comfy.quant import kernels
+
+W4A4 = kernels._load("triton_w4a4")
+AWQ = kernels._load("triton_awq")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+REASON = kernels.unavailable_reason("triton_w4a4")
+if W4A4 is not None and not W4A4.runs_on(DEVICE):
+    REASON = "Triton was imported without TRITON_INTERPRET=1 on a machine without CUDA"
+requires_kernels = pytest.mark.skipif(REASON is not None, reason=f"project Triton kernels cannot run here: {REASON}")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled kernels, timing-free determinism at full size)")

@@ -1,0 +1,237 @@
+"""The project's Triton kernels against kitchen's eager reference and the float64 reference.
+
+The integer part must be exact: activation codes and scales bit-identical to kitchen's eager
+quantizer. The float part must stay within the bounds derived in ``reference.py``. On a machine
+without CUDA these run under Triton's interpreter at small shapes; on a GPU at the real widths.
+"""
+import pytest
+import torch
+from comfy_kitchen.backends.eager import awq as eager_awq
+from comfy_kitchen.backends.eager import svdquant as eager_svd
+
+import comfy.ops
+from comfy.quant import kernels
+from comfy.quant.deltas import LowRankDelta
+from comfy.quant.formats import format_of
+from comfy.quant.layer import run_linear_group, tie_shared_quant
+from factories import awq_tensors, prefixed, svdquant_tensors
+from kernel_env import AWQ, DEVICE, W4A4, requires_cuda, requires_kernels
+from reference import (awq_weight, kernel_tolerance, unpack_nibbles, w4a4_gemm_reference,
+                       w4a4_kernel_tolerance)
+
+pytestmark = requires_kernels
+GPU = DEVICE.type == "cuda"
+ROWS = (1, 7, 255, 4097) if GPU else (1, 7, 255)
+K, N = (3072, 3072) if GPU else (192, 80)
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _input(m, k, dtype, unsigned, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 2
+    x[:, :: max(1, k // 17)] *= 8  # a few outlier channels, as real activations have
+    if unsigned:
+        x = torch.nn.functional.gelu(x)
+    return x.to(dtype)
+
+
+def _natural_codes(q, k):
+    """Kernel codes (groups stored even columns then odd) back in column order."""
+    return q.view(q.shape[0], k // 64, 2, 32).permute(0, 1, 3, 2).reshape(q.shape[0], k)
+
+
+def _packed(codes):
+    return ((codes[:, 0::2].int() & 15) | ((codes[:, 1::2].int() & 15) << 4)).to(torch.int8)
+
+
+def _quantized(x, smooth, unsigned):
+    q, s = W4A4.quantize(x.to(DEVICE), smooth.to(DEVICE), unsigned)
+    return q.cpu(), s.cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("m", ROWS)
+def test_activation_codes_and_scales_equal_kitchen_eager(dtype, unsigned, m):
+    x = _input(m, K, dtype, unsigned, seed=m)
+    smooth = (torch.rand(K, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype)
+    q, s = _quantized(x, smooth, unsigned)
+    x_main = x + 0.171875 if unsigned else x
+    down = torch.zeros(K, 1, dtype=dtype)
+    q_ref, s_ref, _ = eager_svd.quantize_svdquant_w4a4(x_main, smooth, down, act_unsigned=unsigned, lora_x=x)
+    assert q.shape == (q_ref.shape[0], K) and s.shape == s_ref.shape  # rows padded to 256, as kitchen pads
+    assert torch.equal(_packed(_natural_codes(q, K)), q_ref)
+    assert torch.equal(s.to(dtype), s_ref) and torch.equal(s.to(dtype).float(), s)  # fp32 holding the dtype's value
+    assert not q[m:].any() and not s[:, m:].any()
+
+
+def _w4a4_case(dtype, unsigned, rank, loras, m, seed=0):
+    t = svdquant_tensors(N, K, rank, dtype=dtype, seed=seed, act_unsigned=unsigned)
+    g = torch.Generator().manual_seed(seed + 100)
+    for _ in range(loras):  # an appended LoRA is more rank in the same branch
+        t["weight_proj_down"] = torch.cat([t["weight_proj_down"], (torch.randn(K, 64, generator=g) * 0.02).to(dtype)], 1)
+        t["weight_proj_up"] = torch.cat([t["weight_proj_up"], (torch.randn(N, 64, generator=g) * 0.02).to(dtype)], 1)
+    return t, _input(m, K, dtype, unsigned, seed=seed + m)
+
+
+def _run_gemm(t, x, unsigned, dtype, config=None):
+    dev = {k: v.to(DEVICE) for k, v in t.items() if k != "comfy_quant"}
+    xd = x.to(DEVICE)
+    q, s = W4A4.quantize(xd, dev["weight_smooth_factor"], unsigned)
+    la = W4A4.lora_activation(xd, dev["weight_proj_down"]) if dev["weight_proj_down"].shape[1] else None
+    y = W4A4.gemm(q, s, x.shape[0], dev["weight"], dev["weight_scale"], la, dev["weight_proj_up"], dev["bias"],
+                  dtype, config=config)
+    return y.cpu(), q.cpu(), s.cpu()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("rank,loras", [(0, 0), (32, 0), (128, 1), (32, 2)])
+@pytest.mark.parametrize("m", ROWS)
+def test_w4a4_gemm_within_derived_bound_of_float64_and_kitchen(dtype, unsigned, rank, loras, m):
+    t, x = _w4a4_case(dtype, unsigned, rank, loras, m)
+    y, q, s = _run_gemm(t, x, unsigned, dtype)
+    codes = _natural_codes(q, K)[:m]
+    ascales = s[:, :m].t()
+    ref, mag_main, mag_low = w4a4_gemm_reference(codes, ascales, t, x, t["bias"])
+    r = t["weight_proj_down"].shape[1]
+    tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, dtype, K, r)
+    err = (y.double() - ref).abs()
+    assert torch.isfinite(y).all() and (err <= tol).all(), f"max err/tol {(err / tol).max():.3g}"
+
+    # negative control: the bound sees a kernel that applied group 0's weight scales twice
+    t_bad = dict(t, weight_scale=t["weight_scale"].clone())
+    t_bad["weight_scale"][0] *= 2
+    ref_bad, _, _ = w4a4_gemm_reference(codes, ascales, t_bad, x, t["bias"])
+    assert ((y.double() - ref_bad).abs() > tol).any()
+
+    # kitchen's eager path on the same stored tensors (it rounds dequantized operands to the dtype)
+    eager = eager_svd.scaled_mm_svdquant_w4a4(
+        act=_packed(codes), wgt=t["weight"], ascales=s[:, :m].to(dtype), wscales=t["weight_scale"],
+        lora_act_in=x.float() @ t["weight_proj_down"].float(), lora_up=t["weight_proj_up"], bias=t["bias"],
+        act_unsigned=unsigned)
+    eager_tol = kernel_tolerance(mag_main + mag_low, dtype, K)
+    assert ((y.double() - eager.double()).abs() <= tol + eager_tol).all()
+
+
+def _layer(t, n, k, dtype=torch.bfloat16):
+    lin = comfy.ops.mixed_precision_ops({}, compute_dtype=dtype).Linear(k, n, device=DEVICE)
+    lin._load_from_state_dict(prefixed("l", t), "l.", {}, True, [], [], [])
+    return lin
+
+
+def test_layer_forward_runs_the_chosen_kernel_and_appended_lora():
+    dtype, m = torch.bfloat16, 33
+    t, x = _w4a4_case(dtype, False, 32, 0, m, seed=5)
+    lin = _layer(t, N, K)
+    xd = x.to(DEVICE)
+    with kernels.forced("triton"):
+        assert kernels.w4a4_kernel(DEVICE) is W4A4
+        y = lin(xd).cpu()
+        direct = W4A4.linear(xd, lin.weight, lin.bias).cpu()
+    assert torch.equal(y, direct)  # the layer adds nothing on top of the kernel
+    with kernels.forced("kitchen"):
+        assert kernels.w4a4_kernel(DEVICE) is None
+    a = torch.randn(16, K) * 0.02
+    b = torch.randn(N, 16) * 0.02
+    format_of(lin.weight).apply_deltas([(lin, [LowRankDelta(b, a)])])
+    with kernels.forced("triton"):
+        y_lora = lin(xd).cpu()
+    delta = (x.double() @ a.to(dtype).double().t()) @ b.to(dtype).double().t()
+    t_l = dict(t, weight_proj_down=lin.weight._params.proj_down.cpu(), weight_proj_up=lin.weight._params.proj_up.cpu())
+    y_ref, q, s = _run_gemm(t_l, x, False, dtype)
+    assert torch.equal(y_lora, y_ref)
+    ref, mag_main, mag_low = w4a4_gemm_reference(_natural_codes(q, K)[:m], s[:, :m].t(), t, x, t["bias"])
+    tol = w4a4_kernel_tolerance(ref + delta, mag_main, mag_low + delta.abs(), dtype, K, 48)
+    assert ((y_lora.double() - ref - delta).abs() <= tol).all()
+
+
+def test_grouped_forward_quantizes_once_and_equals_separate_calls():
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            base = svdquant_tensors(N, K, 32, seed=3)
+            for i, name in enumerate(("to_q", "to_k", "to_v")):
+                t = svdquant_tensors(N, K, 32, seed=3 + i)
+                t["weight_proj_down"], t["weight_smooth_factor"] = base["weight_proj_down"], base["weight_smooth_factor"]
+                setattr(self, name, _layer(t, N, K))
+
+    attn = Attn()
+    assert tie_shared_quant(attn) == 1
+    x = _input(20, K, torch.bfloat16, False, seed=9).to(DEVICE)
+    mods = (attn.to_q, attn.to_k, attn.to_v)
+    with kernels.forced("triton"):
+        grouped = run_linear_group(x, mods)
+        separate = [m(x) for m in mods]
+    for a, b in zip(grouped, separate):
+        assert torch.equal(a, b)  # same quantization, same GEMM: the same arithmetic
+
+
+def _awq_mag(t, x, group):
+    q = unpack_nibbles(t["weight"], signed=False).double()
+    s = t["weight_scale"].double().t().repeat_interleave(group, dim=1)
+    z = t["weight_zeros"].double().t().repeat_interleave(group, dim=1)
+    return x.double().abs() @ ((q - 8).abs() * s.abs() + z.abs()).t()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("m", (1, 2, 7, 16, 17, 255))
+@pytest.mark.parametrize("split", [1, 3])
+def test_awq_within_derived_bound_of_float64_and_kitchen(dtype, group, m, split):
+    n, k = (18432, 3072) if GPU else (96, 384)
+    t = awq_tensors(n, k, group_size=group, dtype=dtype, seed=m)
+    x = _input(m, k, dtype, False, seed=m + 1)
+    w = awq_weight(t, group)
+    ref = x.double() @ w.t() + t["bias"].double()
+    mag = _awq_mag(t, x, group) + t["bias"].double().abs()
+    p = type("P", (), {"scale": t["weight_scale"].to(DEVICE), "zeros": t["weight_zeros"].to(DEVICE), "group_size": group})
+    wt = type("W", (), {"_qdata": t["weight"].to(DEVICE), "_params": p})
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split, num_warps=4)
+    y = AWQ.linear(x.to(DEVICE), wt, t["bias"].to(DEVICE), config=cfg).cpu()
+    # products of the input and (code - 8) are exact; fp32 sums over a group, the K/G groups and the
+    # split partials; scale and zero-point multiply-adds round once each; output rounding (one ulp)
+    u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    tol = 2 * (2 * u * ref.abs() + (group + 2 * (k // group) + split + 4) * 2.0 ** -24 * mag) + 1e-30
+    err = (y.double() - ref).abs()
+    assert torch.isfinite(y).all() and (err <= tol).all(), f"max err/tol {(err / tol).max():.3g}"
+    bad = t["weight_scale"].clone()
+    bad[0] *= 2  # negative control: group 0's scales applied twice must break the bound
+    ref_bad = x.double() @ awq_weight(dict(t, weight_scale=bad), group).t() + t["bias"].double()
+    assert ((y.double() - ref_bad).abs() > tol).any()
+    eager = eager_awq.gemv_awq_w4a16(x, t["weight"], t["weight_scale"], t["weight_zeros"], t["bias"], group_size=group)
+    assert ((y.double() - eager.double()).abs() <= tol + kernel_tolerance(mag, dtype, k)).all()
+
+
+def test_awq_layer_uses_the_kernel_for_few_rows_only_in_triton_or_auto_mode():
+    t = awq_tensors(N, K, dtype=torch.bfloat16, seed=2)
+    lin = _layer(t, N, K)
+    x = _input(2, K, torch.bfloat16, False, seed=4).to(DEVICE)
+    with kernels.forced("triton"):
+        assert kernels.awq_kernel(DEVICE, 2) is AWQ
+        assert torch.equal(lin(x), AWQ.linear(x, lin.weight, lin.bias))
+    with kernels.forced("kitchen"):
+        assert kernels.awq_kernel(DEVICE, 2) is None
+    with kernels.forced("auto"):
+        assert (kernels.awq_kernel(DEVICE, 2) is AWQ) == (GPU and torch.cuda.get_device_capability()[0] == 9)
+        assert kernels.awq_kernel(DEVICE, kernels.AWQ_AUTO_MAX_ROWS + 1) is None
+
+
+def test_kernel_mode_is_checked():
+    with pytest.raises(kernels.KernelModeError, match="COMFY_INT4_KERNELS"):
+        kernels.set_mode("fast")
+    assert kernels.mode() in kernels.MODES
+    with kernels.forced("kitchen"):
+        assert kernels.describe(DEVICE)["svdquant_w4a4"] == "kitchen"
+
+
+@requires_cuda
+def test_kernels_are_deterministic_at_full_size():
+    t, x = _w4a4_case(torch.bfloat16, True, 128, 2, 4096, seed=11)
+    first = _run_gemm(t, x, True, torch.bfloat16)[0]
+    assert all(torch.equal(first, _run_gemm(t, x, True, torch.bfloat16)[0]) for _ in range(5))
+    ta = awq_tensors(18432, 3072, seed=1)
+    wt = _layer(ta, 18432, 3072).weight
+    xa = _input(8, 3072, torch.bfloat16, False, seed=2).cuda()
+    ya = AWQ.linear(xa, wt, None)
+    assert all(torch.equal(ya, AWQ.linear(xa, wt, None)) for _ in range(5))
