@@ -14,7 +14,7 @@ def unpack_nibbles(packed: torch.Tensor, signed: bool) -> torch.Tensor:
     if signed:
         lo = torch.where(lo > 7, lo - 16, lo)
         hi = torch.where(hi > 7, hi - 16, hi)
-    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.int64)
+    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.int64, device=packed.device)
     out[:, 0::2], out[:, 1::2] = lo, hi
     return out
 

@@ -22,7 +22,7 @@ from reference import (awq_weight, kernel_tolerance, unpack_nibbles, w4a4_gemm_r
 pytestmark = requires_kernels
 GPU = DEVICE.type == "cuda"
 ROWS = (1, 7, 255, 4097) if GPU else (1, 7, 255)
-K, N = (3072, 3072) if GPU else (192, 80)
+K, N = (3072, 520) if GPU else (192, 80)  # the real input width on a GPU; N not a multiple of the tile
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -32,7 +32,7 @@ def _input(m, k, dtype, unsigned, seed):
     x[:, :: max(1, k // 17)] *= 8  # a few outlier channels, as real activations have
     if unsigned:
         x = torch.nn.functional.gelu(x)
-    return x.to(dtype)
+    return x.to(dtype).to(DEVICE)
 
 
 def _natural_codes(q, k):
@@ -44,9 +44,8 @@ def _packed(codes):
     return ((codes[:, 0::2].int() & 15) | ((codes[:, 1::2].int() & 15) << 4)).to(torch.int8)
 
 
-def _quantized(x, smooth, unsigned):
-    q, s = W4A4.quantize(x.to(DEVICE), smooth.to(DEVICE), unsigned)
-    return q.cpu(), s.cpu()
+def _on_device(t):
+    return {k: v.to(DEVICE) for k, v in t.items()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -54,10 +53,10 @@ def _quantized(x, smooth, unsigned):
 @pytest.mark.parametrize("m", ROWS)
 def test_activation_codes_and_scales_equal_kitchen_eager(dtype, unsigned, m):
     x = _input(m, K, dtype, unsigned, seed=m)
-    smooth = (torch.rand(K, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype)
-    q, s = _quantized(x, smooth, unsigned)
+    smooth = (torch.rand(K, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype).to(DEVICE)
+    q, s = W4A4.quantize(x, smooth, unsigned)
     x_main = x + 0.171875 if unsigned else x
-    down = torch.zeros(K, 1, dtype=dtype)
+    down = torch.zeros(K, 1, dtype=dtype, device=DEVICE)
     q_ref, s_ref, _ = eager_svd.quantize_svdquant_w4a4(x_main, smooth, down, act_unsigned=unsigned, lora_x=x)
     assert q.shape == (q_ref.shape[0], K) and s.shape == s_ref.shape  # rows padded to 256, as kitchen pads
     assert torch.equal(_packed(_natural_codes(q, K)), q_ref)
@@ -71,17 +70,15 @@ def _w4a4_case(dtype, unsigned, rank, loras, m, seed=0):
     for _ in range(loras):  # an appended LoRA is more rank in the same branch
         t["weight_proj_down"] = torch.cat([t["weight_proj_down"], (torch.randn(K, 64, generator=g) * 0.02).to(dtype)], 1)
         t["weight_proj_up"] = torch.cat([t["weight_proj_up"], (torch.randn(N, 64, generator=g) * 0.02).to(dtype)], 1)
-    return t, _input(m, K, dtype, unsigned, seed=seed + m)
+    return _on_device(t), _input(m, K, dtype, unsigned, seed=seed + m)
 
 
 def _run_gemm(t, x, unsigned, dtype, config=None):
-    dev = {k: v.to(DEVICE) for k, v in t.items() if k != "comfy_quant"}
-    xd = x.to(DEVICE)
-    q, s = W4A4.quantize(xd, dev["weight_smooth_factor"], unsigned)
-    la = W4A4.lora_activation(xd, dev["weight_proj_down"]) if dev["weight_proj_down"].shape[1] else None
-    y = W4A4.gemm(q, s, x.shape[0], dev["weight"], dev["weight_scale"], la, dev["weight_proj_up"], dev["bias"],
+    q, s = W4A4.quantize(x, t["weight_smooth_factor"], unsigned)
+    la = W4A4.lora_activation(x, t["weight_proj_down"]) if t["weight_proj_down"].shape[1] else None
+    y = W4A4.gemm(q, s, x.shape[0], t["weight"], t["weight_scale"], la, t["weight_proj_up"], t["bias"],
                   dtype, config=config)
-    return y.cpu(), q.cpu(), s.cpu()
+    return y, q, s
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -116,7 +113,7 @@ def test_w4a4_gemm_within_derived_bound_of_float64_and_kitchen(dtype, unsigned, 
 
 def _layer(t, n, k, dtype=torch.bfloat16):
     lin = comfy.ops.mixed_precision_ops({}, compute_dtype=dtype).Linear(k, n, device=DEVICE)
-    lin._load_from_state_dict(prefixed("l", t), "l.", {}, True, [], [], [])
+    lin._load_from_state_dict(prefixed("l", {k: v.to(DEVICE) for k, v in t.items()}), "l.", {}, True, [], [], [])
     return lin
 
 
@@ -124,11 +121,10 @@ def test_layer_forward_runs_the_chosen_kernel_and_appended_lora():
     dtype, m = torch.bfloat16, 33
     t, x = _w4a4_case(dtype, False, 32, 0, m, seed=5)
     lin = _layer(t, N, K)
-    xd = x.to(DEVICE)
     with kernels.forced("triton"):
         assert kernels.w4a4_kernel(DEVICE) is W4A4
-        y = lin(xd).cpu()
-        direct = W4A4.linear(xd, lin.weight, lin.bias).cpu()
+        y = lin(x)
+        direct = W4A4.linear(x, lin.weight, lin.bias)
     assert torch.equal(y, direct)  # the layer adds nothing on top of the kernel
     with kernels.forced("kitchen"):
         assert kernels.w4a4_kernel(DEVICE) is None
@@ -136,9 +132,10 @@ def test_layer_forward_runs_the_chosen_kernel_and_appended_lora():
     b = torch.randn(N, 16) * 0.02
     format_of(lin.weight).apply_deltas([(lin, [LowRankDelta(b, a)])])
     with kernels.forced("triton"):
-        y_lora = lin(xd).cpu()
-    delta = (x.double() @ a.to(dtype).double().t()) @ b.to(dtype).double().t()
-    t_l = dict(t, weight_proj_down=lin.weight._params.proj_down.cpu(), weight_proj_up=lin.weight._params.proj_up.cpu())
+        y_lora = lin(x)
+    a, b = a.to(DEVICE, dtype).double(), b.to(DEVICE, dtype).double()
+    delta = (x.double() @ a.t()) @ b.t()
+    t_l = dict(t, weight_proj_down=lin.weight._params.proj_down, weight_proj_up=lin.weight._params.proj_up)
     y_ref, q, s = _run_gemm(t_l, x, False, dtype)
     assert torch.equal(y_lora, y_ref)
     ref, mag_main, mag_low = w4a4_gemm_reference(_natural_codes(q, K)[:m], s[:, :m].t(), t, x, t["bias"])
@@ -158,7 +155,7 @@ def test_grouped_forward_quantizes_once_and_equals_separate_calls():
 
     attn = Attn()
     assert tie_shared_quant(attn) == 1
-    x = _input(20, K, torch.bfloat16, False, seed=9).to(DEVICE)
+    x = _input(20, K, torch.bfloat16, False, seed=9)
     mods = (attn.to_q, attn.to_k, attn.to_v)
     with kernels.forced("triton"):
         grouped = run_linear_group(x, mods)
@@ -180,15 +177,15 @@ def _awq_mag(t, x, group):
 @pytest.mark.parametrize("split", [1, 3])
 def test_awq_within_derived_bound_of_float64_and_kitchen(dtype, group, m, split):
     n, k = (18432, 3072) if GPU else (96, 384)
-    t = awq_tensors(n, k, group_size=group, dtype=dtype, seed=m)
+    t = _on_device(awq_tensors(n, k, group_size=group, dtype=dtype, seed=m))
     x = _input(m, k, dtype, False, seed=m + 1)
     w = awq_weight(t, group)
     ref = x.double() @ w.t() + t["bias"].double()
     mag = _awq_mag(t, x, group) + t["bias"].double().abs()
-    p = type("P", (), {"scale": t["weight_scale"].to(DEVICE), "zeros": t["weight_zeros"].to(DEVICE), "group_size": group})
-    wt = type("W", (), {"_qdata": t["weight"].to(DEVICE), "_params": p})
+    p = type("P", (), {"scale": t["weight_scale"], "zeros": t["weight_zeros"], "group_size": group})
+    wt = type("W", (), {"_qdata": t["weight"], "_params": p})
     cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split, num_warps=4)
-    y = AWQ.linear(x.to(DEVICE), wt, t["bias"].to(DEVICE), config=cfg).cpu()
+    y = AWQ.linear(x, wt, t["bias"], config=cfg)
     # products of the input and (code - 8) are exact; fp32 sums over a group, the K/G groups and the
     # split partials; scale and zero-point multiply-adds round once each; output rounding (one ulp)
     u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
@@ -206,7 +203,7 @@ def test_awq_within_derived_bound_of_float64_and_kitchen(dtype, group, m, split)
 def test_awq_layer_uses_the_kernel_for_few_rows_only_in_triton_or_auto_mode():
     t = awq_tensors(N, K, dtype=torch.bfloat16, seed=2)
     lin = _layer(t, N, K)
-    x = _input(2, K, torch.bfloat16, False, seed=4).to(DEVICE)
+    x = _input(2, K, torch.bfloat16, False, seed=4)
     with kernels.forced("triton"):
         assert kernels.awq_kernel(DEVICE, 2) is AWQ
         assert torch.equal(lin(x), AWQ.linear(x, lin.weight, lin.bias))
@@ -232,6 +229,6 @@ def test_kernels_are_deterministic_at_full_size():
     assert all(torch.equal(first, _run_gemm(t, x, True, torch.bfloat16)[0]) for _ in range(5))
     ta = awq_tensors(18432, 3072, seed=1)
     wt = _layer(ta, 18432, 3072).weight
-    xa = _input(8, 3072, torch.bfloat16, False, seed=2).cuda()
+    xa = _input(8, 3072, torch.bfloat16, False, seed=2)
     ya = AWQ.linear(xa, wt, None)
     assert all(torch.equal(ya, AWQ.linear(xa, wt, None)) for _ in range(5))

@@ -1,0 +1,142 @@
+"""Tile-size sweep of the project's Triton kernels on a GPU (a tuning tool, not a test).
+
+    PYTHONPATH=$PWD/.gpu-site:/tmp/site python3 tests_quant/gpu_kernel_sweep.py [OUT_DIR]
+
+Times each candidate configuration of the W4A4 GEMM (quantized activation given), the activation
+quantization, the low-rank input and the AWQ GEMV at the benchmark's shapes, with bf16 and FP8 GEMMs
+of the same shapes as yardsticks, and prints the best configuration per shape. The chosen tables in
+``triton_w4a4._config`` / ``triton_awq._config`` come from this output (docs/benchmarks.md).
+"""
+import itertools
+import json
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])
+
+from comfy.quant.kernels import triton_awq as A  # noqa: E402
+from comfy.quant.kernels import triton_w4a4 as W  # noqa: E402
+
+
+def us(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def rand_codes(n, k):
+    return torch.randint(-128, 128, (n, k // 2), dtype=torch.int8, device="cuda")
+
+
+def yardsticks(m, k, n):
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    out = {"bf16": us(lambda: torch.nn.functional.linear(x, w))}
+    xq, wq = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    mp = max(16, m)
+    if mp != m:
+        xq = torch.nn.functional.pad(x, (0, 0, 0, mp - m)).to(torch.float8_e4m3fn)
+    out["fp8"] = us(lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+    return out
+
+
+def w4a4_sweep(rows):
+    shapes = [(4096, 3072, 3072), (4096, 3072, 9216), (4096, 3072, 12288), (4096, 12288, 3072),
+              (1024, 3072, 3072), (1024, 3072, 12288), (256, 3072, 3072), (256, 3072, 12288)]
+    cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, GROUP_M=8, BLOCK_R=32, MAGIC_FMA=mf)
+             for bm, bn, w, s, mf in itertools.product((64, 128), (64, 128, 256), (4, 8), (3, 4), (True,))
+             if not (bm == 128 and bn == 256 and w == 4)]
+    cands += [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, GROUP_M=8, BLOCK_R=32, MAGIC_FMA=False)]
+    for m, k, n in shapes:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        smooth = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+        down = torch.randn(k, 32, device="cuda", dtype=torch.bfloat16) * 0.05
+        up = torch.randn(n, 32, device="cuda", dtype=torch.bfloat16) * 0.05
+        wq = rand_codes(n, k)
+        ws = torch.rand(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.02
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        q, s = W.quantize(x, smooth, False)
+        la = W.lora_activation(x, down)
+        base = yardsticks(m, k, n)
+        t_quant = us(lambda: W.quantize(x, smooth, False))
+        t_la = us(lambda: W.lora_activation(x, down))
+        best = None
+        for c in cands:
+            try:
+                t = us(lambda: W.gemm(q, s, m, wq, ws, la, up, bias, torch.bfloat16, config=c))
+            except Exception as e:  # out of resources etc.
+                print(f"  skip {c}: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            tops = 2 * m * k * n / t / 1e6
+            rows.append({"op": "w4a4_gemm", "M": m, "K": k, "N": n, **c, "us": t, "TOPS": tops, **base})
+            if best is None or t < best[0]:
+                best = (t, c)
+        total = best[0] + t_quant + t_la
+        print(f"W4A4 M={m} {k}->{n}: best gemm {best[0]:.1f} us {best[1]}; quant {t_quant:.1f} us; lora_in "
+              f"{t_la:.1f} us; total {total:.1f} us; bf16 {base['bf16']:.1f} fp8 {base['fp8']:.1f}; "
+              f"bf16/int4 {base['bf16'] / total:.2f}", flush=True)
+        rows.append({"op": "w4a4_best", "M": m, "K": k, "N": n, "gemm_us": best[0], "quant_us": t_quant,
+                     "lora_in_us": t_la, "total_us": total, "config": best[1], **base})
+
+
+def awq_sweep(rows):
+    n, k = 18432, 3072
+    wq = rand_codes(n, k)
+    p = type("P", (), {"scale": torch.rand(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.02,
+                       "zeros": torch.randn(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.01, "group_size": 64})
+    wt = type("W", (), {"_qdata": wq, "_params": p})
+    nbytes = wq.numel() + 2 * p.scale.numel() * 2
+    for m in (1, 2, 8, 16, 64, 256):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        base = yardsticks(m, k, n)
+        if m <= 16:
+            grid = itertools.product((16,), (32, 64, 128), (1, 2, 4, 8), (4,), (3, 6))
+        else:
+            grid = itertools.product((32, 64), (64, 128), (1,), (4, 8), (3,))
+        best = None
+        for bm, bn, split, w, s in grid:
+            c = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split, num_warps=w, num_stages=s)
+            try:
+                t = us(lambda: A.linear(x, wt, None, config=c))
+            except Exception as e:
+                print(f"  skip {c}: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            rows.append({"op": "awq", "M": m, "K": k, "N": n, **c, "us": t, "GBps": nbytes / t / 1e3, **base})
+            if best is None or t < best[0]:
+                best = (t, c)
+        print(f"AWQ M={m}: best {best[0]:.1f} us ({nbytes / best[0] / 1e3:.0f} GB/s) {best[1]}; bf16 {base['bf16']:.1f} "
+              f"fp8 {base['fp8']:.1f}; bf16/int4 {base['bf16'] / best[0]:.2f}", flush=True)
+        rows.append({"op": "awq_best", "M": m, "us": best[0], "config": best[1], **base})
+
+
+def sass_summary():
+    """Which matrix instructions the default-config GEMM compiled to (HGMMA/IGMMA = wgmma, IMMA = mma.sync)."""
+    try:
+        kern = next(iter(W._gemm_kernel.device_caches[0][0].values()))
+        sass = kern.asm.get("sass", "")
+        names = {}
+        for line in sass.splitlines():
+            for tok in ("IGMMA", "HGMMA", "IMMA", "HMMA", "I2F", "FFMA", "FMUL", "LDS", "STS", "LDG", "LDGSTS", "UTMALDG"):
+                if f" {tok}" in line or f"{tok}." in line:
+                    names[tok] = names.get(tok, 0) + 1
+        print("SASS of one compiled GEMM:", names, "regs", kern.n_regs, "spills", kern.n_spills, flush=True)
+    except Exception as e:
+        print("no SASS summary:", type(e).__name__, e)
+
+
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else None
+    print(torch.cuda.get_device_name(), torch.__version__, "triton", triton.__version__, flush=True)
+    rows = []
+    awq_sweep(rows)
+    w4a4_sweep(rows)
+    sass_summary()
+    if out:
+        with open(f"{out}/sweep.json", "w") as f:
+            json.dump(rows, f)
+
+
+if __name__ == "__main__":
+    main()
