@@ -9,7 +9,9 @@ of the same shapes as yardsticks, and prints the best configuration per shape. T
 """
 import itertools
 import json
+import os
 import sys
+import time
 
 import torch
 import triton
@@ -42,43 +44,24 @@ def yardsticks(m, k, n):
     return out
 
 
-def w4a4_sweep(rows):
-    shapes = [(4096, 3072, 3072), (4096, 3072, 9216), (4096, 3072, 12288), (4096, 12288, 3072),
-              (1024, 3072, 3072), (1024, 3072, 12288), (256, 3072, 3072), (256, 3072, 12288)]
-    cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, GROUP_M=8, BLOCK_R=32, MAGIC_FMA=mf)
-             for bm, bn, w, s, mf in itertools.product((64, 128), (64, 128, 256), (4, 8), (3, 4), (True,))
-             if not (bm == 128 and bn == 256 and w == 4)]
-    cands += [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, GROUP_M=8, BLOCK_R=32, MAGIC_FMA=False)]
-    for m, k, n in shapes:
+DEADLINE = time.time() + float(os.environ.get("SWEEP_SECONDS", "330"))
+
+
+def quant_sweep(rows):
+    best = {}
+    for m, k in ((4096, 3072), (4096, 12288)):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         smooth = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
-        down = torch.randn(k, 32, device="cuda", dtype=torch.bfloat16) * 0.05
-        up = torch.randn(n, 32, device="cuda", dtype=torch.bfloat16) * 0.05
-        wq = rand_codes(n, k)
-        ws = torch.rand(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.02
-        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        q, s = W.quantize(x, smooth, False)
-        la = W.lora_activation(x, down)
-        base = yardsticks(m, k, n)
-        t_quant = us(lambda: W.quantize(x, smooth, False))
-        t_la = us(lambda: W.lora_activation(x, down))
-        best = None
-        for c in cands:
-            try:
-                t = us(lambda: W.gemm(q, s, m, wq, ws, la, up, bias, torch.bfloat16, config=c))
-            except Exception as e:  # out of resources etc.
-                print(f"  skip {c}: {type(e).__name__}: {str(e)[:80]}")
-                continue
-            tops = 2 * m * k * n / t / 1e6
-            rows.append({"op": "w4a4_gemm", "M": m, "K": k, "N": n, **c, "us": t, "TOPS": tops, **base})
-            if best is None or t < best[0]:
-                best = (t, c)
-        total = best[0] + t_quant + t_la
-        print(f"W4A4 M={m} {k}->{n}: best gemm {best[0]:.1f} us {best[1]}; quant {t_quant:.1f} us; lora_in "
-              f"{t_la:.1f} us; total {total:.1f} us; bf16 {base['bf16']:.1f} fp8 {base['fp8']:.1f}; "
-              f"bf16/int4 {base['bf16'] / total:.2f}", flush=True)
-        rows.append({"op": "w4a4_best", "M": m, "K": k, "N": n, "gemm_us": best[0], "quant_us": t_quant,
-                     "lora_in_us": t_la, "total_us": total, "config": best[1], **base})
+        nbytes = m * k * 3 + m * k // 64 * 4
+        for bm, groups, shuffle, w in itertools.product((16, 32, 64), (1, 4), (True, False), (2, 4)):
+            c = dict(BLOCK_M=bm, GROUPS=groups, SHUFFLE=shuffle, num_warps=w)
+            t = us(lambda: W.quantize(x, smooth, True, config=c))
+            rows.append({"op": "quantize", "M": m, "K": k, **c, "us": t, "GBps": nbytes / t / 1e3})
+            if k not in best or t < best[k][0]:
+                best[k] = (t, c)
+        print(f"quantize {m}x{k}: best {best[k][0]:.1f} us ({nbytes / best[k][0] / 1e3:.0f} GB/s) {best[k][1]}",
+              flush=True)
+    return best[3072][1]
 
 
 def awq_sweep(rows):
@@ -88,16 +71,22 @@ def awq_sweep(rows):
                        "zeros": torch.randn(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.01, "group_size": 64})
     wt = type("W", (), {"_qdata": wq, "_params": p})
     nbytes = wq.numel() + 2 * p.scale.numel() * 2
-    for m in (1, 2, 8, 16, 64, 256):
+    for m in (1, 2, 8, 16, 256):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         base = yardsticks(m, k, n)
+        grid = []
+        if m <= 8:
+            grid += [dict(KERNEL="fma", BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, SPLIT_K=sp, GPI=gpi,
+                          num_warps=w, num_stages=3)
+                     for bn, sp, gpi, w in itertools.product((64, 128), (4, 8), (2, 4), (4, 8))]
         if m <= 16:
-            grid = itertools.product((16,), (32, 64, 128), (1, 2, 4, 8), (4,), (3, 6))
+            grid += [dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=bn, SPLIT_K=sp, num_warps=4, num_stages=3)
+                     for bn, sp in itertools.product((64, 128), (4, 8, 16))]
         else:
-            grid = itertools.product((32, 64), (64, 128), (1,), (4, 8), (3,))
+            grid += [dict(KERNEL="dot", BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1, num_warps=w, num_stages=3)
+                     for bm, bn, w in itertools.product((32, 64, 128), (64, 128), (4, 8))]
         best = None
-        for bm, bn, split, w, s in grid:
-            c = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=split, num_warps=w, num_stages=s)
+        for c in grid:
             try:
                 t = us(lambda: A.linear(x, wt, None, config=c))
             except Exception as e:
@@ -111,28 +100,58 @@ def awq_sweep(rows):
         rows.append({"op": "awq_best", "M": m, "us": best[0], "config": best[1], **base})
 
 
-def sass_summary():
-    """Which matrix instructions the default-config GEMM compiled to (HGMMA/IGMMA = wgmma, IMMA = mma.sync)."""
-    try:
-        kern = next(iter(W._gemm_kernel.device_caches[0][0].values()))
-        sass = kern.asm.get("sass", "")
-        names = {}
-        for line in sass.splitlines():
-            for tok in ("IGMMA", "HGMMA", "IMMA", "HMMA", "I2F", "FFMA", "FMUL", "LDS", "STS", "LDG", "LDGSTS", "UTMALDG"):
-                if f" {tok}" in line or f"{tok}." in line:
-                    names[tok] = names.get(tok, 0) + 1
-        print("SASS of one compiled GEMM:", names, "regs", kern.n_regs, "spills", kern.n_spills, flush=True)
-    except Exception as e:
-        print("no SASS summary:", type(e).__name__, e)
+def w4a4_sweep(rows, qcfg):
+    shapes = [(4096, 3072, 3072), (4096, 3072, 9216), (4096, 3072, 12288), (4096, 12288, 3072),
+              (1024, 3072, 3072), (256, 3072, 3072)]
+    tiles = [(128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 128, 4), (64, 64, 4), (128, 256, 8), (256, 128, 8)]
+    cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=3, GROUP_M=8, BLOCK_R=32, SWAP=sw, ASM=asm)
+             for (bm, bn, w), sw, asm in itertools.product(tiles, (False, True), (True, False))]
+    for m, k, n in shapes:
+        if time.time() > DEADLINE:
+            print("sweep deadline reached", flush=True)
+            break
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        smooth = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+        down = torch.randn(k, 32, device="cuda", dtype=torch.bfloat16) * 0.05
+        up = torch.randn(n, 32, device="cuda", dtype=torch.bfloat16) * 0.05
+        wq = rand_codes(n, k)
+        ws = torch.rand(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.02
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        q, s = W.quantize(x, smooth, False, config=qcfg)
+        la = W.lora_activation(x, down)
+        base = yardsticks(m, k, n)
+        t_quant = us(lambda: W.quantize(x, smooth, False, config=qcfg))
+        t_la = us(lambda: W.lora_activation(x, down))
+        best = None
+        for c in cands:
+            if time.time() > DEADLINE:
+                break
+            try:
+                t = us(lambda: W.gemm(q, s, m, wq, ws, la, up, bias, torch.bfloat16, config=c))
+            except Exception as e:  # out of resources etc.
+                print(f"  skip {c}: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            rows.append({"op": "w4a4_gemm", "M": m, "K": k, "N": n, **c, "us": t,
+                         "TOPS": 2 * m * k * n / t / 1e6, **base})
+            if best is None or t < best[0]:
+                best = (t, c)
+        if best is None:
+            continue
+        total = best[0] + t_quant + t_la
+        print(f"W4A4 M={m} {k}->{n}: best gemm {best[0]:.1f} us ({2 * m * k * n / best[0] / 1e6:.0f} TOPS) "
+              f"{best[1]}; quant {t_quant:.1f} us; lora_in {t_la:.1f} us; total {total:.1f} us; bf16 "
+              f"{base['bf16']:.1f} fp8 {base['fp8']:.1f}; bf16/int4 {base['bf16'] / total:.2f}", flush=True)
+        rows.append({"op": "w4a4_best", "M": m, "K": k, "N": n, "gemm_us": best[0], "quant_us": t_quant,
+                     "lora_in_us": t_la, "total_us": total, "config": best[1], **base})
 
 
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else None
     print(torch.cuda.get_device_name(), torch.__version__, "triton", triton.__version__, flush=True)
     rows = []
+    qcfg = quant_sweep(rows)
     awq_sweep(rows)
-    w4a4_sweep(rows)
-    sass_summary()
+    w4a4_sweep(rows, qcfg)
     if out:
         with open(f"{out}/sweep.json", "w") as f:
             json.dump(rows, f)

@@ -93,34 +93,35 @@ def kernel_tolerance(mag: torch.Tensor, dtype: torch.dtype, k: int) -> torch.Ten
 
 
 def w4a4_gemm_reference(codes, ascales, t, x, bias=None):
-    """float64 y and Σ|terms| of the W4A4 GEMM from given activation codes (M, K) and scales (M, K/64).
+    """float64 y of the W4A4 GEMM from given activation codes (M, K) and scales (M, K/64), and the
+    magnitudes a tolerance weighs: Σ|main terms|, Σ|low-rank terms| (+|bias|) and |x proj_down|·|proj_up|.
 
     The main path is Σ_g a[m,g]·w[g,n]·Σ_{k∈g} q_x·q_w; the low-rank branch is x @ proj_down @ proj_upᵀ.
-    Returned separately: (y, mag_main, mag_low) so a tolerance can weigh each term by how it is rounded.
     """
     a = codes.double() * ascales.double().repeat_interleave(64, dim=1)
     w = svdquant_residual(t)
-    la = x.double() @ t["weight_proj_down"].double()
-    up = t["weight_proj_up"].double()
+    down, up = t["weight_proj_down"].double(), t["weight_proj_up"].double()
+    la = x.double() @ down
     y = a @ w.t() + la @ up.t()
-    mag_low = (x.double().abs() @ t["weight_proj_down"].double().abs()) @ up.abs().t()
+    mag_low = (x.double().abs() @ down.abs()) @ up.abs().t()
     if bias is not None:
         y = y + bias.double()
         mag_low = mag_low + bias.double().abs()
-    return y, a.abs() @ w.abs().t(), mag_low
+    return y, a.abs() @ w.abs().t(), mag_low, la.abs() @ up.abs().t()
 
 
-def w4a4_kernel_tolerance(y, mag_main, mag_low, dtype, k, rank):
+def w4a4_kernel_tolerance(y, mag_main, mag_low, mag_la, dtype, k, rank):
     """Elementwise bound for the project's W4A4 kernel (fp32 accumulation, output in ``dtype``).
 
     Main path: each group's integer dot is exact; D·w and the multiply-add by a round once each
     (2·2⁻²⁴), and the K/64 group partials accumulate in fp32 (≤ (K/64)·2⁻²⁴ relative of Σ|terms|).
-    Low-rank: x @ proj_down accumulates in fp32 (K·2⁻²⁴) and is rounded to ``dtype`` (u), then meets
-    proj_up exactly on the tensor cores and accumulates (rank·2⁻²⁴). Output: one rounding to ``dtype``,
-    taken as a whole ulp (2u) because Triton's interpreter truncates to bf16. Twice all that, for the
-    bias addition's own rounding and the interleaving of the bounds.
+    Low-rank: x @ proj_down accumulates in fp32 (K·2⁻²⁴ of Σ|x||proj_down||proj_up|) and each of its
+    values is rounded to ``dtype`` (u·|x proj_down|·|proj_up|), then meets proj_up exactly on the
+    tensor cores and accumulates (rank·2⁻²⁴). Output: one rounding to ``dtype``, taken as a whole ulp
+    (2u) because Triton's interpreter truncates to bf16. Twice all that, for the bias addition's own
+    rounding and the interleaving of the bounds.
     """
     u, e = unit_roundoff(dtype), 2.0 ** -24
     main = (2 + k // 64 + 2) * e * mag_main
-    low = (u + (k + rank + 2) * e) * mag_low
+    low = u * mag_la + (k + rank + 2) * e * mag_low
     return 2 * (2 * u * y.abs() + main + low) + 1e-30

@@ -6,6 +6,7 @@ without CUDA these run under Triton's interpreter at small shapes; on a GPU at t
 """
 import pytest
 import torch
+from triton import next_power_of_2 as triton_next_pow2
 from comfy_kitchen.backends.eager import awq as eager_awq
 from comfy_kitchen.backends.eager import svdquant as eager_svd
 
@@ -51,10 +52,11 @@ def _on_device(t):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("unsigned", [False, True])
 @pytest.mark.parametrize("m", ROWS)
-def test_activation_codes_and_scales_equal_kitchen_eager(dtype, unsigned, m):
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_activation_codes_and_scales_equal_kitchen_eager(dtype, unsigned, m, shuffle):
     x = _input(m, K, dtype, unsigned, seed=m)
     smooth = (torch.rand(K, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype).to(DEVICE)
-    q, s = W4A4.quantize(x, smooth, unsigned)
+    q, s = W4A4.quantize(x, smooth, unsigned, config=dict(W4A4.QUANT_CONFIG, SHUFFLE=shuffle))
     x_main = x + 0.171875 if unsigned else x
     down = torch.zeros(K, 1, dtype=dtype, device=DEVICE)
     q_ref, s_ref, _ = eager_svd.quantize_svdquant_w4a4(x_main, smooth, down, act_unsigned=unsigned, lora_x=x)
@@ -90,16 +92,16 @@ def test_w4a4_gemm_within_derived_bound_of_float64_and_kitchen(dtype, unsigned, 
     y, q, s = _run_gemm(t, x, unsigned, dtype)
     codes = _natural_codes(q, K)[:m]
     ascales = s[:, :m].t()
-    ref, mag_main, mag_low = w4a4_gemm_reference(codes, ascales, t, x, t["bias"])
+    ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(codes, ascales, t, x, t["bias"])
     r = t["weight_proj_down"].shape[1]
-    tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, dtype, K, r)
+    tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, dtype, K, r)
     err = (y.double() - ref).abs()
     assert torch.isfinite(y).all() and (err <= tol).all(), f"max err/tol {(err / tol).max():.3g}"
 
     # negative control: the bound sees a kernel that applied group 0's weight scales twice
     t_bad = dict(t, weight_scale=t["weight_scale"].clone())
     t_bad["weight_scale"][0] *= 2
-    ref_bad, _, _ = w4a4_gemm_reference(codes, ascales, t_bad, x, t["bias"])
+    ref_bad = w4a4_gemm_reference(codes, ascales, t_bad, x, t["bias"])[0]
     assert ((y.double() - ref_bad).abs() > tol).any()
 
     # kitchen's eager path on the same stored tensors (it rounds dequantized operands to the dtype)
@@ -109,6 +111,23 @@ def test_w4a4_gemm_within_derived_bound_of_float64_and_kitchen(dtype, unsigned, 
         act_unsigned=unsigned)
     eager_tol = kernel_tolerance(mag_main + mag_low, dtype, K)
     assert ((y.double() - eager.double()).abs() <= tol + eager_tol).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("swap", [False, True])
+def test_w4a4_gemm_variants_compute_the_same_function(dtype, unsigned, swap):
+    """Each compiled variant (weight as the MMA's A or B operand, bit-trick or plain nibble unpacking,
+    magic-number or converted int32) stays within the same bound."""
+    m = ROWS[-1]
+    t, x = _w4a4_case(dtype, unsigned, 32, 1, m, seed=21)
+    asm = (False, True) if GPU else (False,)  # inline PTX does not run in the interpreter
+    for use_asm in asm:
+        cfg = dict(W4A4._config(m, N, DEVICE), SWAP=swap, ASM=use_asm)
+        y, q, s = _run_gemm(t, x, unsigned, dtype, config=cfg)
+        ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(_natural_codes(q, K)[:m], s[:, :m].t(), t, x, t["bias"])
+        tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, dtype, K, t["weight_proj_down"].shape[1])
+        assert ((y.double() - ref).abs() <= tol).all()
 
 
 def _layer(t, n, k, dtype=torch.bfloat16):
@@ -138,9 +157,11 @@ def test_layer_forward_runs_the_chosen_kernel_and_appended_lora():
     t_l = dict(t, weight_proj_down=lin.weight._params.proj_down, weight_proj_up=lin.weight._params.proj_up)
     y_ref, q, s = _run_gemm(t_l, x, False, dtype)
     assert torch.equal(y_lora, y_ref)
-    ref, mag_main, mag_low = w4a4_gemm_reference(_natural_codes(q, K)[:m], s[:, :m].t(), t, x, t["bias"])
-    tol = w4a4_kernel_tolerance(ref + delta, mag_main, mag_low + delta.abs(), dtype, K, 48)
-    assert ((y_lora.double() - ref - delta).abs() <= tol).all()
+    ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(_natural_codes(q, K)[:m], s[:, :m].t(), t_l, x, t["bias"])
+    assert ((ref - (w4a4_gemm_reference(_natural_codes(q, K)[:m], s[:, :m].t(), t, x, t["bias"])[0] + delta)).abs()
+            <= 1e-9 * (mag_low + mag_main)).all()  # the appended ranks are exactly s·(x Aᵀ) Bᵀ (in float64)
+    tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, dtype, K, 48)
+    assert ((y_lora.double() - ref).abs() <= tol).all()
 
 
 def test_grouped_forward_quantizes_once_and_equals_separate_calls():
@@ -175,7 +196,10 @@ def _awq_mag(t, x, group):
 @pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("m", (1, 2, 7, 16, 17, 255))
 @pytest.mark.parametrize("split", [1, 3])
-def test_awq_within_derived_bound_of_float64_and_kitchen(dtype, group, m, split):
+@pytest.mark.parametrize("kind", ["dot", "fma"])
+def test_awq_within_derived_bound_of_float64_and_kitchen(dtype, group, m, split, kind):
+    if kind == "fma" and m > 8:
+        pytest.skip("the CUDA-core kernel is for a few rows")
     n, k = (18432, 3072) if GPU else (96, 384)
     t = _on_device(awq_tensors(n, k, group_size=group, dtype=dtype, seed=m))
     x = _input(m, k, dtype, False, seed=m + 1)
@@ -184,7 +208,8 @@ def test_awq_within_derived_bound_of_float64_and_kitchen(dtype, group, m, split)
     mag = _awq_mag(t, x, group) + t["bias"].double().abs()
     p = type("P", (), {"scale": t["weight_scale"], "zeros": t["weight_zeros"], "group_size": group})
     wt = type("W", (), {"_qdata": t["weight"], "_params": p})
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split, num_warps=4)
+    cfg = dict(KERNEL=kind, BLOCK_M=16 if kind == "dot" else triton_next_pow2(m), BLOCK_N=32, SPLIT_K=split,
+               num_warps=4, **({"GPI": 2} if kind == "fma" else {}))
     y = AWQ.linear(x, wt, t["bias"], config=cfg)
     # products of the input and (code - 8) are exact; fp32 sums over a group, the K/G groups and the
     # split partials; scale and zero-point multiply-adds round once each; output rounding (one ulp)

@@ -51,11 +51,10 @@ def _round(v, BF16: tl.constexpr):
 @triton.jit
 def _quantize_kernel(x_ptr, smooth_ptr, q_ptr, s_ptr, M, M_pad, K, stride_xm, eps,
                      SHIFTED: tl.constexpr, QMAX: tl.constexpr, QMIN: tl.constexpr, BF16: tl.constexpr,
-                     BLOCK_M: tl.constexpr, GROUPS: tl.constexpr):
+                     BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, SHUFFLE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     real = rows < M
     c = tl.arange(0, 64)
-    dest = (c % 2) * 32 + c // 2  # even columns first, then odd: the weight's nibble order
     for i in tl.static_range(GROUPS):
         g = tl.program_id(1) * GROUPS + i
         x = tl.load(x_ptr + rows[:, None] * stride_xm + (g * 64 + c)[None, :], mask=real[:, None], other=0.0)
@@ -72,15 +71,42 @@ def _quantize_kernel(x_ptr, smooth_ptr, q_ptr, s_ptr, M, M_pad, K, stride_xm, ep
         odd = (fl - 2.0 * tl.floor(fl * 0.5)) == 1.0
         q = fl + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
         q = tl.minimum(tl.maximum(q, QMIN), QMAX)
-        q = tl.where(real[:, None] & (scale[:, None] > 0), q, 0.0)  # an fp16 all-zero group: scale 0, codes 0
-        tl.store(q_ptr + rows[:, None] * K + (g * 64 + dest)[None, :], q.to(tl.int8), mask=(rows < M_pad)[:, None])
-        tl.store(s_ptr + g * M_pad + rows, tl.where(real, scale, 0.0), mask=rows < M_pad)
+        q = tl.where(real[:, None] & (scale[:, None] > 0), q, 0.0).to(tl.int8)  # fp16 all-zero group: codes 0
+        # each group as its even columns then its odd ones: the weight's low/high nibble order
+        if SHUFFLE:
+            q = tl.reshape(tl.permute(tl.reshape(q, (BLOCK_M, 32, 2)), (0, 2, 1)), (BLOCK_M, 64))
+            tl.store(q_ptr + rows[:, None] * K + (g * 64 + c)[None, :], q)
+        else:
+            tl.store(q_ptr + rows[:, None] * K + (g * 64 + (c % 2) * 32 + c // 2)[None, :], q)
+        tl.store(s_ptr + g * M_pad + rows, tl.where(real, scale, 0.0))
+
+
+@triton.jit
+def _unpack(wb, ASM: tl.constexpr):
+    """Signed low and high nibbles of int8 ``wb`` as int8 (low = even column).
+
+    ``ASM`` works on 4 bytes per 32-bit register: t = w & 0x0F0F0F0F; t + (t & 0x08080808)·30 sets each
+    byte's high nibble to its sign (8·30 = 0xF0, no carry between bytes).
+    """
+    if ASM:
+        lo = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, s; and.b32 t, $1, 0x0F0F0F0F; and.b32 s, t, 0x08080808; mad.lo.u32 $0, s, 30, t; }",
+            "=r,r", [wb], dtype=tl.int8, is_pure=True, pack=4)
+        hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, s; shr.u32 t, $1, 4; and.b32 t, t, 0x0F0F0F0F; and.b32 s, t, 0x08080808; "
+            "mad.lo.u32 $0, s, 30, t; }",
+            "=r,r", [wb], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        lo = (wb << 4) >> 4
+        hi = wb >> 4
+    return lo, hi
 
 
 @triton.jit
 def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
                  M, N, M_pad, R, stride_la, stride_up, stride_ym,
-                 K: tl.constexpr, R_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC_FMA: tl.constexpr, DOT_F32: tl.constexpr,
+                 K: tl.constexpr, R_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC_FMA: tl.constexpr,
+                 DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     # program -> (pid_m, pid_n), GROUP_M row blocks at a time so neighbouring programs share weights in L2
     pid = tl.program_id(0)
@@ -98,25 +124,29 @@ def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
     k32 = tl.arange(0, 32)
     a_ptrs = q_ptr + rm[:, None] * K + k32[None, :]
     w_ptrs = w_ptr + rn_in[:, None] * (K // 2) + k32[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP computes the transposed tile (weight rows as the MMA's A operand, straight from registers)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, K // 64):  # loop bounds are compile-time: Triton's interpreter needs that
         a_even = tl.load(a_ptrs + g * 64)
         a_odd = tl.load(a_ptrs + g * 64 + 32)
-        wb = tl.load(w_ptrs + g * 32)
-        lo = (wb << 4) >> 4  # signed nibbles: low = even column
-        hi = wb >> 4
+        lo, hi = _unpack(tl.load(w_ptrs + g * 32), ASM)
         sa = tl.load(as_ptr + g * M_pad + rm)
         sw = tl.load(ws_ptr + g * N + rn_in).to(tl.float32)
-        if MAGIC_FMA:
-            d = tl.dot(a_even, tl.trans(lo), acc=tl.full((BLOCK_M, BLOCK_N), 0x4B400000, tl.int32),
-                       out_dtype=tl.int32)
+        if SWAP:
+            sa, sw = sa[None, :], sw[:, None]
+            d0 = tl.full((BLOCK_N, BLOCK_M), 0x4B400000 if MAGIC_FMA else 0, tl.int32)
+            d = tl.dot(lo, tl.trans(a_even), acc=d0, out_dtype=tl.int32)
+            d = tl.dot(hi, tl.trans(a_odd), acc=d, out_dtype=tl.int32)
+        else:
+            sa, sw = sa[:, None], sw[None, :]
+            d0 = tl.full((BLOCK_M, BLOCK_N), 0x4B400000 if MAGIC_FMA else 0, tl.int32)
+            d = tl.dot(a_even, tl.trans(lo), acc=d0, out_dtype=tl.int32)
             d = tl.dot(a_odd, tl.trans(hi), acc=d, out_dtype=tl.int32)
-            t = tl.fma(d.to(tl.float32, bitcast=True), sw[None, :], (-12582912.0 * sw)[None, :])
-        else:  # plain conversion; exact too (used where fma is not fused, e.g. Triton's interpreter)
-            d = tl.dot(a_even, tl.trans(lo), out_dtype=tl.int32)
-            d = tl.dot(a_odd, tl.trans(hi), acc=d, out_dtype=tl.int32)
-            t = d.to(tl.float32) * sw[None, :]
-        acc = tl.fma(t, sa[:, None], acc)
+        if MAGIC_FMA:  # 1.5·2²³ + D read as fp32; one fma gives D·w rounded once
+            t = tl.fma(d.to(tl.float32, bitcast=True), sw, -12582912.0 * sw)
+        else:  # plain conversion; exact too (Triton's interpreter does not fuse fma)
+            t = d.to(tl.float32) * sw
+        acc = tl.fma(t, sa, acc)
 
     rr = tl.arange(0, BLOCK_R)
     for rb in range(0, R_BLOCKS):
@@ -126,13 +156,18 @@ def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
                      other=0.0)
         up = tl.load(up_ptr + rn_in[:, None] * stride_up + (r0 + rr)[None, :], mask=rmask[None, :], other=0.0)
         if DOT_F32:  # Triton's interpreter multiplies bf16 as raw bits; products of halves are exact in fp32
-            acc = tl.dot(la.to(tl.float32), tl.trans(up.to(tl.float32)), acc=acc, input_precision="ieee")
+            la, up = la.to(tl.float32), up.to(tl.float32)
+        if SWAP:
+            acc = tl.dot(up, tl.trans(la), acc=acc, input_precision="ieee" if DOT_F32 else None)
         else:
-            acc = tl.dot(la, tl.trans(up), acc=acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm < M)[:, None] & (rn < N)[None, :])
+            acc = tl.dot(la, tl.trans(up), acc=acc, input_precision="ieee" if DOT_F32 else None)
+    bias = tl.load(bias_ptr + rn_in).to(tl.float32) if HAS_BIAS else tl.zeros((BLOCK_N,), tl.float32)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if SWAP:
+        out = tl.trans(acc + bias[:, None])
+    else:
+        out = acc + bias[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # Triton runs CPU tensors only in its interpreter, which it enables at import (TRITON_INTERPRET=1)
@@ -155,7 +190,8 @@ def padded_rows(m: int) -> int:
     return -(-m // ROW_PAD) * ROW_PAD
 
 
-def quantize(x: torch.Tensor, smooth: torch.Tensor, act_unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, smooth: torch.Tensor, act_unsigned: bool,
+             config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Int4 codes (one per byte, nibble order) ``(M_pad, K)`` int8 and scales ``(K/64, M_pad)`` fp32 of ``x`` (M, K).
 
     ``x`` is the raw input: the 0.171875 shift of an unsigned layer is applied here.
@@ -164,15 +200,20 @@ def quantize(x: torch.Tensor, smooth: torch.Tensor, act_unsigned: bool) -> tuple
     m_pad = padded_rows(m)
     q = torch.empty(m_pad, k, dtype=torch.int8, device=x.device)
     s = torch.empty(k // GROUP, m_pad, dtype=torch.float32, device=x.device)
-    eps = float(torch.tensor(1e-10, dtype=x.dtype))  # kitchen clamps absmax at 1e-10 in the compute dtype
-    groups = 4 if (k // GROUP) % 4 == 0 else 1
-    block_m = 32
-    grid = (m_pad // block_m, k // GROUP // groups)
+    cfg = dict(QUANT_CONFIG if config is None else config)
+    if (k // GROUP) % cfg["GROUPS"]:
+        cfg["GROUPS"] = 1
+    grid = (m_pad // cfg["BLOCK_M"], k // GROUP // cfg["GROUPS"])
     _launcher(_quantize_kernel, x.device)[grid](
-        x, smooth, q, s, m, m_pad, k, x.stride(0), eps,
+        x, smooth, q, s, m, m_pad, k, x.stride(0), _EPS[x.dtype],
         SHIFTED=act_unsigned, QMAX=15.0 if act_unsigned else 7.0, QMIN=0.0 if act_unsigned else -7.0,
-        BF16=x.dtype == torch.bfloat16, BLOCK_M=block_m, GROUPS=groups, num_warps=4)
+        BF16=x.dtype == torch.bfloat16, **cfg)
     return q, s
+
+
+# kitchen clamps absmax at 1e-10 in the compute dtype
+_EPS = {dt: float(torch.tensor(1e-10, dtype=dt)) for dt in (torch.bfloat16, torch.float16)}
+QUANT_CONFIG = dict(BLOCK_M=32, GROUPS=1, SHUFFLE=True, num_warps=4)
 
 
 def lora_activation(x: torch.Tensor, proj_down: torch.Tensor) -> torch.Tensor:
@@ -206,8 +247,8 @@ def gemm(q: torch.Tensor, ascales: torch.Tensor, m: int, weight: torch.Tensor, w
     _launcher(_gemm_kernel, q.device)[grid](
         q, ascales, weight, wscales, la, up, y if bias is None else bias, y,
         m, n, m_pad, rank, la.stride(0), up.stride(0), y.stride(0),
-        K=k, R_BLOCKS=triton.cdiv(rank, cfg["BLOCK_R"]), HAS_BIAS=bias is not None, MAGIC_FMA=cfg.pop("MAGIC_FMA", q.device.type == "cuda"),
-        DOT_F32=INTERPRETED, **cfg)
+        K=k, R_BLOCKS=triton.cdiv(rank, cfg["BLOCK_R"]), HAS_BIAS=bias is not None, MAGIC_FMA=cfg.pop("MAGIC_FMA", not INTERPRETED),
+        ASM=cfg.pop("ASM", not INTERPRETED), SWAP=cfg.pop("SWAP", False), DOT_F32=INTERPRETED, **cfg)
     return y
 
 
