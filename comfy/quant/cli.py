@@ -1,4 +1,4 @@
-"""``python -m comfy.quant``: demo, quantize, inspect, lora-check, convert-nunchaku, install-comfyui."""
+"""``python -m comfy.quant``: demo, quantize, inspect, lora-check, convert-nunchaku, install-comfyui, bench."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +79,42 @@ def _install_comfyui(args):
         return 2
 
 
+def _bench(args):
+    import json
+    import os
+    import sys
+
+    from comfy.quant.bench import SECTIONS, format_report, run_bench
+
+    sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
+    if not sections or set(sections) - set(SECTIONS):
+        print(f"error: --only takes a comma list of {', '.join(SECTIONS)}; got {args.only!r}", file=sys.stderr)
+        return 2
+    if args.iters is not None and args.iters < 1:
+        print(f"error: --iters must be at least 1, got {args.iters}", file=sys.stderr)
+        return 2
+    outputs = [p for p in (args.markdown, args.json) if p]
+    if len({os.path.realpath(p) for p in outputs}) < len(outputs):
+        print("error: --markdown and --json name the same file", file=sys.stderr)
+        return 2
+    for path in outputs:  # before the run, not after minutes of it
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            print(f"error: {path}: no such directory", file=sys.stderr)
+            return 2
+    command = " ".join(["python -m comfy.quant bench"] + (["--small"] if args.small else [])
+                       + ([f"--only {','.join(sections)}"] if sections != SECTIONS else [])
+                       + ([f"--iters {args.iters}"] if args.iters else []))
+    result = run_bench(small=args.small, sections=sections, iters=args.iters)
+    report = format_report(result, command)
+    print(report, end="")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(report)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m comfy.quant", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -127,6 +163,19 @@ def main(argv=None) -> int:
                       help="reverse the patch and remove PATH/comfy/quant (refused if the patched files were edited)")
     p.add_argument("--patch", help="the patch to apply (default: comfy/quant/upstream/comfyui.patch of this package)")
     p.set_defaults(func=_install_comfyui)
+
+    p = sub.add_parser(
+        "bench", help="int4 linears and a Qwen-Image model vs bf16 and FP8 (full suite on CUDA, small on the CPU)",
+        description="One run: AWQ W4A16 and SVDQuant W4A4 linears (project kernels, kitchen, bf16, FP8), a whole "
+                    "Qwen-Image transformer int4 vs bf16 with and without a LoRA on every block linear, and LoRA "
+                    "patch/strength/unpatch times. Prints a header and markdown tables.")
+    p.add_argument("--small", action="store_true", help="the small suite (always on the CPU)")
+    p.add_argument("--only", default=",".join(("awq", "w4a4", "model", "lora")),
+                   help="comma list of sections: awq, w4a4, model, lora (default: all)")
+    p.add_argument("--iters", type=int, help="repeat counts: graph replays / timed calls per linear, model forwards")
+    p.add_argument("--markdown", metavar="PATH", help="also write the report as a markdown section to PATH")
+    p.add_argument("--json", metavar="PATH", help="also write the raw rows as JSON to PATH")
+    p.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
