@@ -1,6 +1,6 @@
 """Tile-size sweep of the project's Triton kernels on a GPU (a tuning tool, not a test).
 
-    PYTHONPATH=$PWD/.gpu-site:/tmp/site python3 tests_quant/gpu_kernel_sweep.py [OUT_DIR]
+    PYTHONPATH=$PWD/.gpu-site:/tmp/site python3 tests_quant/gpu_kernel_sweep.py [OUT_DIR] [--all]
 
 Times each candidate configuration of the W4A4 GEMM (quantized activation given), the activation
 quantization, the low-rank input and the AWQ GEMV at the benchmark's shapes, with bf16 and FP8 GEMMs
@@ -101,11 +101,10 @@ def awq_sweep(rows):
 
 
 def w4a4_sweep(rows, qcfg):
-    shapes = [(4096, 3072, 3072), (4096, 3072, 9216), (4096, 3072, 12288), (4096, 12288, 3072),
-              (1024, 3072, 3072), (256, 3072, 3072)]
-    tiles = [(128, 64, 4), (128, 128, 8), (64, 128, 4), (128, 128, 4), (64, 64, 4), (128, 256, 8), (256, 128, 8)]
-    cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=3, GROUP_M=8, BLOCK_R=32, SWAP=sw, ASM=asm)
-             for (bm, bn, w), sw, asm in itertools.product(tiles, (False, True), (True, False))]
+    shapes = [(4096, 3072, 3072), (4096, 12288, 3072), (1024, 3072, 3072), (256, 3072, 3072)]
+    tiles = [(64, 128, 4, True), (128, 64, 4, True), (64, 64, 4, False), (128, 128, 8, True), (64, 256, 8, True)]
+    cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, GROUP_M=8, BLOCK_R=32, SWAP=sw, PIPE=pipe)
+             for (bm, bn, w, sw), pipe, st in itertools.product(tiles, (False, True), (3, 4))]
     for m, k, n in shapes:
         if time.time() > DEADLINE:
             print("sweep deadline reached", flush=True)
@@ -146,11 +145,14 @@ def w4a4_sweep(rows, qcfg):
 
 
 def main():
-    out = sys.argv[1] if len(sys.argv) > 1 else None
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    out = args[0] if args else None
     print(torch.cuda.get_device_name(), torch.__version__, "triton", triton.__version__, flush=True)
     rows = []
-    qcfg = quant_sweep(rows)
-    awq_sweep(rows)
+    qcfg = W.QUANT_CONFIG
+    if "--all" in sys.argv:
+        qcfg = quant_sweep(rows)
+        awq_sweep(rows)
     w4a4_sweep(rows, qcfg)
     if out:
         with open(f"{out}/sweep.json", "w") as f:

@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 ENV = "COMFY_INT4_KERNELS"
 MODES = ("auto", "triton", "kitchen")
-# AWQ rows up to which the project's GEMV kernel is used in auto mode (measured faster up to here on an H200)
-AWQ_AUTO_MAX_ROWS = 256
+# AWQ rows up to which the project's GEMV kernel is used in auto mode (a 16-row MMA tile; kitchen's
+# fused MMA kernel and dequantize + cuBLAS take larger batches)
+AWQ_AUTO_MAX_ROWS = 16
 
 
 class KernelModeError(ValueError):

@@ -54,49 +54,12 @@ def _awq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok & (rn < N)[None, :])
 
 
-@triton.jit
-def _awq_fma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
-                    GROUPS_PER_SPLIT: tl.constexpr, GPI: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
-                    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The same sums on the CUDA cores, for 1-8 rows: no MMA padding to 16 rows, GPI groups in flight."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(2)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_in = rn % N
-    j = tl.arange(0, G // 2)
-    row_ok = (rm < M)[:, None]
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + 2 * j[None, :]
-    w_ptrs = w_ptr + rn_in[:, None] * (K // 2) + j[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for it in range(0, GROUPS_PER_SPLIT // GPI):  # compile-time bounds: Triton's interpreter needs that
-        for u in tl.static_range(GPI):
-            g = pid_k * GROUPS_PER_SPLIT + it * GPI + u
-            wb = tl.load(w_ptrs + g * (G // 2)).to(tl.uint8, bitcast=True)
-            lo = (wb & 15).to(tl.float32) - 8.0
-            hi = (wb >> 4).to(tl.float32) - 8.0
-            xe = tl.load(x_ptrs + g * G, mask=row_ok, other=0.0).to(tl.float32)
-            xo = tl.load(x_ptrs + g * G + 1, mask=row_ok, other=0.0).to(tl.float32)
-            d = tl.sum(xe[:, None, :] * lo[None, :, :] + xo[:, None, :] * hi[None, :, :], axis=2)
-            xsum = tl.sum(xe + xo, axis=1)
-            s = tl.load(s_ptr + g * N + rn_in).to(tl.float32)
-            z = tl.load(z_ptr + g * N + rn_in).to(tl.float32)
-            acc = tl.fma(d, s[None, :], acc)
-            acc = tl.fma(xsum[:, None], z[None, :], acc)
-    if HAS_BIAS:
-        acc += tl.where(pid_k == 0, 1.0, 0.0) * tl.load(b_ptr + rn_in).to(tl.float32)[None, :]
-    out = y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok & (rn < N)[None, :])
-
-
 def _config(m: int, n: int, groups: int, device) -> dict:
-    """Kernel and block sizes by rows (measured on an H200; see docs/benchmarks.md)."""
+    """Block sizes (measured on an H200; see docs/benchmarks.md): one 16-row MMA tile, split-K for parallelism."""
     if device.type != "cuda":
-        return dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, num_warps=4)
-    if m <= 16:
-        return dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=128, SPLIT_K=8 if groups % 8 == 0 else 1, num_warps=4,
-                    num_stages=3)
-    return dict(KERNEL="dot", BLOCK_M=32, BLOCK_N=128, SPLIT_K=1, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, num_warps=4)
+    split = next(s for s in (8, 4, 2, 1) if groups % s == 0)
+    return dict(BLOCK_M=16, BLOCK_N=128, SPLIT_K=split, num_warps=4, num_stages=3)
 
 
 def supports(x: torch.Tensor, weight) -> bool:
@@ -118,18 +81,12 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None, config: dict | No
         x2 = x2.contiguous()
     m = x2.shape[0]
     cfg = dict(_config(m, n, k // g, x.device) if config is None else config)
-    split, kind = cfg.pop("SPLIT_K"), cfg.pop("KERNEL")
-    if kind == "fma" and m > cfg["BLOCK_M"]:
-        kind, cfg = "dot", dict(BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], num_warps=4)
-    gps = k // g // split
-    if kind == "fma" and gps % cfg["GPI"]:
-        cfg["GPI"] = 1
+    split = cfg.pop("SPLIT_K")
     out_dtype = x.dtype if split == 1 else torch.float32
     y = torch.empty(split, m, n, dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
-    kernel = _awq_fma_kernel if kind == "fma" else _awq_kernel
-    _launcher(kernel, x.device)[grid](
+    _launcher(_awq_kernel, x.device)[grid](
         x2, qdata, p.scale, p.zeros, y if bias is None else bias, y, m, n, k, x2.stride(0),
-        GROUPS_PER_SPLIT=gps, HAS_BIAS=bias is not None, DOT_F32=INTERPRETED, G=g, **cfg)
+        GROUPS_PER_SPLIT=k // g // split, HAS_BIAS=bias is not None, DOT_F32=INTERPRETED, G=g, **cfg)
     y = y[0] if split == 1 else y.sum(0).to(x.dtype)  # torch's reduction: fixed order, deterministic
     return y.reshape(*lead, n)

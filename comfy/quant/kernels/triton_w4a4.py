@@ -103,10 +103,42 @@ def _unpack(wb, ASM: tl.constexpr):
 
 
 @triton.jit
+def _group_dot(a_ptrs, w_ptrs, as_ptr, ws_ptr, rm, rn_in, g, N, M_pad, MAGIC_FMA: tl.constexpr, ASM: tl.constexpr,
+               SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Group ``g``'s exact int32 dot products (on 1.5·2²³ with MAGIC_FMA) and its two scale vectors,
+    shaped to broadcast over the tile (transposed with SWAP: weight rows as the MMA's A operand)."""
+    a_even = tl.load(a_ptrs + g * 64)
+    a_odd = tl.load(a_ptrs + g * 64 + 32)
+    lo, hi = _unpack(tl.load(w_ptrs + g * 32), ASM)
+    sa = tl.load(as_ptr + g * M_pad + rm)
+    sw = tl.load(ws_ptr + g * N + rn_in).to(tl.float32)
+    if SWAP:
+        d = tl.full((BLOCK_N, BLOCK_M), 0x4B400000 if MAGIC_FMA else 0, tl.int32)
+        d = tl.dot(lo, tl.trans(a_even), acc=d, out_dtype=tl.int32)
+        d = tl.dot(hi, tl.trans(a_odd), acc=d, out_dtype=tl.int32)
+        return d, sa[None, :], sw[:, None]
+    else:
+        d = tl.full((BLOCK_M, BLOCK_N), 0x4B400000 if MAGIC_FMA else 0, tl.int32)
+        d = tl.dot(a_even, tl.trans(lo), acc=d, out_dtype=tl.int32)
+        d = tl.dot(a_odd, tl.trans(hi), acc=d, out_dtype=tl.int32)
+        return d, sa[:, None], sw[None, :]
+
+
+@triton.jit
+def _scaled_add(acc, d, sa, sw, MAGIC_FMA: tl.constexpr):
+    """``acc + a·w·D`` with ``D·w`` rounded once."""
+    if MAGIC_FMA:  # 1.5·2²³ + D read as fp32; one fma with the exact -1.5·2²³·w gives D·w
+        t = tl.fma(d.to(tl.float32, bitcast=True), sw, -12582912.0 * sw)
+    else:  # plain conversion; exact too (Triton's interpreter does not fuse fma)
+        t = d.to(tl.float32) * sw
+    return tl.fma(t, sa, acc)
+
+
+@triton.jit
 def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
                  M, N, M_pad, R, stride_la, stride_up, stride_ym,
                  K: tl.constexpr, R_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC_FMA: tl.constexpr,
-                 DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr,
+                 DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, PIPE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     # program -> (pid_m, pid_n), GROUP_M row blocks at a time so neighbouring programs share weights in L2
     pid = tl.program_id(0)
@@ -124,29 +156,22 @@ def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
     k32 = tl.arange(0, 32)
     a_ptrs = q_ptr + rm[:, None] * K + k32[None, :]
     w_ptrs = w_ptr + rn_in[:, None] * (K // 2) + k32[None, :]
-    # SWAP computes the transposed tile (weight rows as the MMA's A operand, straight from registers)
     acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(0, K // 64):  # loop bounds are compile-time: Triton's interpreter needs that
-        a_even = tl.load(a_ptrs + g * 64)
-        a_odd = tl.load(a_ptrs + g * 64 + 32)
-        lo, hi = _unpack(tl.load(w_ptrs + g * 32), ASM)
-        sa = tl.load(as_ptr + g * M_pad + rm)
-        sw = tl.load(ws_ptr + g * N + rn_in).to(tl.float32)
-        if SWAP:
-            sa, sw = sa[None, :], sw[:, None]
-            d0 = tl.full((BLOCK_N, BLOCK_M), 0x4B400000 if MAGIC_FMA else 0, tl.int32)
-            d = tl.dot(lo, tl.trans(a_even), acc=d0, out_dtype=tl.int32)
-            d = tl.dot(hi, tl.trans(a_odd), acc=d, out_dtype=tl.int32)
-        else:
-            sa, sw = sa[:, None], sw[None, :]
-            d0 = tl.full((BLOCK_M, BLOCK_N), 0x4B400000 if MAGIC_FMA else 0, tl.int32)
-            d = tl.dot(a_even, tl.trans(lo), acc=d0, out_dtype=tl.int32)
-            d = tl.dot(a_odd, tl.trans(hi), acc=d, out_dtype=tl.int32)
-        if MAGIC_FMA:  # 1.5·2²³ + D read as fp32; one fma gives D·w rounded once
-            t = tl.fma(d.to(tl.float32, bitcast=True), sw, -12582912.0 * sw)
-        else:  # plain conversion; exact too (Triton's interpreter does not fuse fma)
-            t = d.to(tl.float32) * sw
-        acc = tl.fma(t, sa, acc)
+    # loop bounds are compile-time: Triton's interpreter needs that
+    if PIPE:  # the next group's MMAs are issued before this group's scaling, so the two can overlap
+        d, sa, sw = _group_dot(a_ptrs, w_ptrs, as_ptr, ws_ptr, rm, rn_in, 0, N, M_pad, MAGIC_FMA, ASM, SWAP,
+                               BLOCK_M, BLOCK_N)
+        for g in range(1, K // 64):
+            d_next, sa_next, sw_next = _group_dot(a_ptrs, w_ptrs, as_ptr, ws_ptr, rm, rn_in, g, N, M_pad,
+                                                  MAGIC_FMA, ASM, SWAP, BLOCK_M, BLOCK_N)
+            acc = _scaled_add(acc, d, sa, sw, MAGIC_FMA)
+            d, sa, sw = d_next, sa_next, sw_next
+        acc = _scaled_add(acc, d, sa, sw, MAGIC_FMA)
+    else:
+        for g in range(0, K // 64):
+            d, sa, sw = _group_dot(a_ptrs, w_ptrs, as_ptr, ws_ptr, rm, rn_in, g, N, M_pad, MAGIC_FMA, ASM, SWAP,
+                                   BLOCK_M, BLOCK_N)
+            acc = _scaled_add(acc, d, sa, sw, MAGIC_FMA)
 
     rr = tl.arange(0, BLOCK_R)
     for rb in range(0, R_BLOCKS):
@@ -213,7 +238,7 @@ def quantize(x: torch.Tensor, smooth: torch.Tensor, act_unsigned: bool,
 
 # kitchen clamps absmax at 1e-10 in the compute dtype
 _EPS = {dt: float(torch.tensor(1e-10, dtype=dt)) for dt in (torch.bfloat16, torch.float16)}
-QUANT_CONFIG = dict(BLOCK_M=32, GROUPS=1, SHUFFLE=True, num_warps=4)
+QUANT_CONFIG = dict(BLOCK_M=16, GROUPS=1, SHUFFLE=True, num_warps=2)
 
 
 def lora_activation(x: torch.Tensor, proj_down: torch.Tensor) -> torch.Tensor:
@@ -226,10 +251,8 @@ def _config(m: int, n: int, device) -> dict:
     if device.type != "cuda":
         return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_R=16, GROUP_M=4, num_warps=4)
     if m <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=32, GROUP_M=4, num_warps=4, num_stages=4)
-    if m <= 1024 and n <= 3072:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_R=32, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_R=32, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=32, GROUP_M=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=32, GROUP_M=8, num_warps=4, num_stages=3, SWAP=True)
 
 
 def gemm(q: torch.Tensor, ascales: torch.Tensor, m: int, weight: torch.Tensor, wscales: torch.Tensor,
@@ -248,7 +271,7 @@ def gemm(q: torch.Tensor, ascales: torch.Tensor, m: int, weight: torch.Tensor, w
         q, ascales, weight, wscales, la, up, y if bias is None else bias, y,
         m, n, m_pad, rank, la.stride(0), up.stride(0), y.stride(0),
         K=k, R_BLOCKS=triton.cdiv(rank, cfg["BLOCK_R"]), HAS_BIAS=bias is not None, MAGIC_FMA=cfg.pop("MAGIC_FMA", not INTERPRETED),
-        ASM=cfg.pop("ASM", not INTERPRETED), SWAP=cfg.pop("SWAP", False), DOT_F32=INTERPRETED, **cfg)
+        ASM=cfg.pop("ASM", not INTERPRETED), SWAP=cfg.pop("SWAP", False), PIPE=cfg.pop("PIPE", False), DOT_F32=INTERPRETED, **cfg)
     return y
 
 
