@@ -101,10 +101,11 @@ def awq_sweep(rows):
 
 
 def w4a4_sweep(rows, qcfg):
-    shapes = [(4096, 3072, 3072), (4096, 12288, 3072), (1024, 3072, 3072), (256, 3072, 3072)]
-    tiles = [(64, 128, 4, True), (128, 64, 4, True), (64, 64, 4, False), (128, 128, 8, True), (64, 256, 8, True)]
-    cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, GROUP_M=8, BLOCK_R=32, SWAP=sw, PIPE=pipe)
-             for (bm, bn, w, sw), pipe, st in itertools.product(tiles, (False, True), (3, 4))]
+    shapes = [(4096, 3072, 3072), (4096, 3072, 12288), (1024, 3072, 3072)]
+    tiles = [(128, 64, 4, 3), (256, 64, 8, 3), (256, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (256, 64, 4, 3),
+             (64, 128, 4, 4), (128, 128, 8, 3)]
+    cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, GROUP_M=8, BLOCK_R=32, SWAP=True, PIPE=True)
+             for bm, bn, w, st in tiles]
     for m, k, n in shapes:
         if time.time() > DEADLINE:
             print("sweep deadline reached", flush=True)

@@ -48,11 +48,14 @@ def missing_layout_reason(name: str) -> str:
 
 
 def as_parameter(qt) -> torch.nn.Parameter:
-    """``Parameter(qt)`` that keeps ``qt``'s own side tensors.
+    """A parameter holding ``qt``'s own tensors (nothing copied).
 
-    ``Parameter`` detaches its data, and kitchen's detach clones every layout tensor; that would both
-    double memory transiently and break tensor sharing between siblings (q/k/v), so put them back.
+    ``Parameter(qt)`` would detach it, and kitchen's detach clones every layout tensor: that costs a
+    copy of the whole weight per call (LoRA patching rebinds every patched weight) and breaks tensor
+    sharing between siblings (q/k/v). For a tensor subclass a parameter is an instance of that
+    subclass marked ``_is_param`` (what ``Parameter.__new__`` returns for one), so make a new wrapper
+    around the same tensors and mark it.
     """
-    p = torch.nn.Parameter(qt, requires_grad=False)
-    p._qdata, p._params = qt._qdata, qt._params
+    p = QuantizedTensor(qt._qdata, qt._layout_cls, qt._params)
+    p._is_param = True
     return p

@@ -204,6 +204,8 @@ def move_weight(param, fn) -> torch.nn.Parameter:
     """
     qt = param
     device = fn(qt._qdata[:0]).device  # where fn sends tensors, learnt from an empty view (nothing copied)
+    if qt._qdata.device == device:  # int4 tensors always move together: nothing to do
+        return param
     p = qt._params
     fields = {f: _moved_tensor(getattr(p, f), device) for f in p._tensor_fields()
               if isinstance(getattr(p, f), torch.Tensor)}

@@ -250,9 +250,8 @@ def _config(m: int, n: int, device) -> dict:
     """Tile sizes by problem size (measured on an H200; see docs/benchmarks.md)."""
     if device.type != "cuda":
         return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_R=16, GROUP_M=4, num_warps=4)
-    if m <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=32, GROUP_M=8, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=32, GROUP_M=8, num_warps=4, num_stages=3, SWAP=True)
+    tile = dict(BLOCK_M=64, BLOCK_N=128) if 256 < m <= 1024 else dict(BLOCK_M=128, BLOCK_N=64)
+    return dict(tile, BLOCK_R=32, GROUP_M=8, num_warps=4, num_stages=3 if m > 1024 else 4, SWAP=True, PIPE=True)
 
 
 def gemm(q: torch.Tensor, ascales: torch.Tensor, m: int, weight: torch.Tensor, wscales: torch.Tensor,
