@@ -184,6 +184,26 @@ def test_grouped_forward_quantizes_once_and_equals_separate_calls():
     for a, b in zip(grouped, separate):
         assert torch.equal(a, b)  # same quantization, same GEMM: the same arithmetic
 
+    # a LoRA on each: one stacked proj_down, each proj_up zero where the siblings' ranks are; the kernel
+    # skips those zero rank blocks, which must change nothing
+    g = torch.Generator().manual_seed(4)
+    deltas = [LowRankDelta(torch.randn(N, 16, generator=g) * 0.02, torch.randn(16, K, generator=g) * 0.02)
+              for _ in mods]
+    format_of(attn.to_q.weight).apply_deltas([(m, [d]) for m, d in zip(mods, deltas)])
+    assert attn.to_q.weight._params.proj_down is attn.to_v.weight._params.proj_down
+    with kernels.forced("triton"):
+        grouped = run_linear_group(x, mods)
+    for m, y in zip(mods, grouped):
+        p = m.weight._params
+        blocks = W4A4._rank_blocks(p.proj_up, W4A4._config(x.shape[0], N, DEVICE)["BLOCK_R"])
+        assert 0 < blocks.numel() < -(-p.proj_up.shape[1] // W4A4._config(x.shape[0], N, DEVICE)["BLOCK_R"])
+        t = {"weight": m.weight._qdata, "weight_scale": p.scale, "weight_proj_down": p.proj_down,
+             "weight_proj_up": p.proj_up}
+        q, s = W4A4.quantize(x, p.smooth_factor, False)
+        ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(_natural_codes(q, K)[:20], s[:, :20].t(), t, x, m.bias)
+        tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, torch.bfloat16, K, p.proj_up.shape[1])
+        assert ((y.double() - ref).abs() <= tol).all()
+
 
 def _awq_mag(t, x, group):
     q = unpack_nibbles(t["weight"], signed=False).double()

@@ -72,13 +72,33 @@ def patch_problem(weight, adapter, offset=None, function=None, strength_model=1.
     return None if got == shape else f"adapter delta of shape {got} does not fit the target shape {shape}"
 
 
+def _on_device(adapter, device):
+    """``adapter`` with its factor tensors on ``device``, moved in their stored dtype.
+
+    A LoRA file is loaded on the CPU; converting its factors to fp32 there and copying fp32 to the
+    GPU costs twice the bytes and a CPU pass per layer (most of a LoRA load on a large model). Both
+    hosts' adapters are ``cls(loaded_keys, weights)`` with the tensors in ``weights``; 0-d tensors
+    (alpha) stay where they are, so reading them needs no device sync.
+    """
+    weights = getattr(adapter, "weights", None)
+    if device is None or device.type == "cpu" or not isinstance(weights, tuple):
+        return adapter
+    moving = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.device != device for t in weights]
+    if not any(moving):
+        return adapter
+    moved = tuple(t.to(device, non_blocking=True) if m else t for t, m in zip(weights, moving))
+    return type(adapter)(adapter.loaded_keys, moved)
+
+
 def deltas_of(patch_list, weight) -> list:
-    """The ``LowRankDelta`` / ``DenseDelta`` list (fp32, strength applied) for one key's patches."""
+    """The ``LowRankDelta`` / ``DenseDelta`` list (fp32, strength applied) for one key's patches,
+    computed on ``weight``'s device."""
     out = []
     for strength, adapter, _strength_model, offset, _function in patch_list:
         if isinstance(adapter, (tuple, list)):  # ("diff", (tensor,))
-            out.append(D.DenseDelta(adapter[1][0].float() * strength, offset))
+            out.append(D.DenseDelta(adapter[1][0].to(weight.device).float() * strength, offset))
             continue
+        adapter = _on_device(adapter, weight.device)
         low = adapter.low_rank()
         if low is not None:
             up, down, scale = low
@@ -149,7 +169,7 @@ def patch_weight(model, key, patches, backup, device_to=None) -> None:
     for k, m in group:
         base = bases[k]
         m.weight = base if fn is None else move_weight(base, fn)
-        members.append((m, deltas_of(patches.get(k, ()), base)))
+        members.append((m, deltas_of(patches.get(k, ()), m.weight)))
     try:
         fmt.apply_deltas(members)
     except Exception:
