@@ -380,6 +380,19 @@ def lora_state_dict(shapes, rank, g) -> dict:
     return sd
 
 
+def _forward_ms(model, inputs, device) -> tuple[float, float]:
+    """(ms to the end of the forward's GPU work, ms until the Python call returned): equal when the host
+    is what limits the forward."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    model(*inputs)
+    t1 = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3, (t1 - t0) * 1e3
+
+
 def model_row(name, model, inputs, iters, device) -> dict:
     """Median forward ms (after 2 warm-ups), peak memory while running and weight memory of ``model``."""
     with torch.no_grad():
@@ -388,8 +401,9 @@ def model_row(name, model, inputs, iters, device) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        times = [_seconds(lambda: model(*inputs), device)[0] * 1e3 for _ in range(iters)]
-    return {"section": "model", "model": name, "forward_ms": statistics.median(times),
+        runs = [_forward_ms(model, inputs, device) for _ in range(iters)]
+    return {"section": "model", "model": name, "forward_ms": statistics.median(r[0] for r in runs),
+            "host_ms": statistics.median(r[1] for r in runs),
             "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
             "weights_gib": weight_bytes([*model.parameters(), *model.buffers()]) / GIB}
 
@@ -529,14 +543,15 @@ def _linear_table(rows, mark_kitchen) -> list:
 
 
 def _model_table(rows) -> list:
-    keys = ("forward_ms", "peak_gib", "weights_gib")
-    cells = [(r["model"], *(_num(r[k], s) for k, s in zip(keys, (".1f", ".3g", ".3g"))),
+    keys = ("forward_ms", "host_ms", "peak_gib", "weights_gib")
+    cells = [(r["model"], *(_num(r[k], s) for k, s in zip(keys, (".1f", ".1f", ".3g", ".3g"))),
               _num(r.get("lora_overhead_pct"), "+.1f") + (" %" if "lora_overhead_pct" in r else "")) for r in rows]
     by = {r["model"]: r for r in rows}
     if "bf16" in by and "int4" in by:
         ratios = (None if by["int4"][k] is None else by["bf16"][k] / by["int4"][k] for k in keys)
         cells.append(("bf16/int4", *(_num(v, ".2f") for v in ratios), ""))
-    return _table(("model", "forward ms", "peak GiB", "weights GiB", "LoRA overhead"), cells)
+    return _table(("model", "forward ms", "host ms (call returned)", "peak GiB", "weights GiB", "LoRA overhead"),
+                  cells)
 
 
 def _lora_lines(lora) -> list:

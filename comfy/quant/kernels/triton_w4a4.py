@@ -21,8 +21,6 @@ one program, so results are bit-identical from call to call.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
@@ -137,7 +135,7 @@ def _scaled_add(acc, d, sa, sw, MAGIC_FMA: tl.constexpr):
 
 
 @triton.jit
-def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, rb_ptr, bias_ptr, y_ptr,
+def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
                  M, N, M_pad, R, stride_la, stride_up, stride_ym,
                  K: tl.constexpr, R_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC_FMA: tl.constexpr,
                  DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, PIPE: tl.constexpr,
@@ -176,8 +174,8 @@ def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, rb_ptr, bias_ptr,
             acc = _scaled_add(acc, d, sa, sw, MAGIC_FMA)
 
     rr = tl.arange(0, BLOCK_R)
-    for i in range(0, R_BLOCKS):  # the rank blocks of proj_up that hold a non-zero
-        r0 = tl.load(rb_ptr + i) * BLOCK_R
+    for rb in range(0, R_BLOCKS):
+        r0 = rb * BLOCK_R
         rmask = (r0 + rr) < R
         la = tl.load(la_ptr + rm[:, None] * stride_la + (r0 + rr)[None, :], mask=(rm < M)[:, None] & rmask[None, :],
                      other=0.0)
@@ -256,27 +254,6 @@ def _config(m: int, n: int, device) -> dict:
     return dict(tile, BLOCK_R=32, GROUP_M=8, num_warps=4, num_stages=3 if m > 1024 else 4, SWAP=True, PIPE=True)
 
 
-_RANK_BLOCKS: dict = {}  # (id(proj_up), block) -> (weakref(proj_up), indices)
-
-
-def _rank_blocks(proj_up: torch.Tensor, block: int) -> torch.Tensor:
-    """int32 indices of the ``block``-column blocks of ``proj_up`` holding a non-zero, found once per tensor.
-
-    Siblings sharing one activation quantization (q/k/v) carry each other's LoRA ranks as zero
-    columns of ``proj_up`` (``formats.svdquant_w4a4``); skipping them is exact and saves their MMAs.
-    """
-    key = (id(proj_up), block)
-    hit = _RANK_BLOCKS.get(key)
-    if hit is not None and hit[0]() is proj_up:
-        return hit[1]
-    n, r = proj_up.shape
-    padded = torch.nn.functional.pad(proj_up, (0, -r % block))
-    nonzero = padded.view(n, -1, block).ne(0).any(2).any(0)
-    idx = nonzero.nonzero().flatten().to(torch.int32)  # one device sync, the first time this tensor is used
-    _RANK_BLOCKS[key] = (weakref.ref(proj_up, lambda _, key=key: _RANK_BLOCKS.pop(key, None)), idx)
-    return idx
-
-
 def gemm(q: torch.Tensor, ascales: torch.Tensor, m: int, weight: torch.Tensor, wscales: torch.Tensor,
          lora_act: torch.Tensor | None, proj_up: torch.Tensor, bias: torch.Tensor | None,
          out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
@@ -289,11 +266,10 @@ def gemm(q: torch.Tensor, ascales: torch.Tensor, m: int, weight: torch.Tensor, w
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     la = lora_act if rank else y
     up = proj_up if rank else y
-    blocks = _rank_blocks(proj_up, cfg["BLOCK_R"]) if rank else y
     _launcher(_gemm_kernel, q.device)[grid](
-        q, ascales, weight, wscales, la, up, blocks, y if bias is None else bias, y,
+        q, ascales, weight, wscales, la, up, y if bias is None else bias, y,
         m, n, m_pad, rank, la.stride(0), up.stride(0), y.stride(0),
-        K=k, R_BLOCKS=blocks.numel() if rank else 0, HAS_BIAS=bias is not None, MAGIC_FMA=cfg.pop("MAGIC_FMA", not INTERPRETED),
+        K=k, R_BLOCKS=triton.cdiv(rank, cfg["BLOCK_R"]), HAS_BIAS=bias is not None, MAGIC_FMA=cfg.pop("MAGIC_FMA", not INTERPRETED),
         ASM=cfg.pop("ASM", not INTERPRETED), SWAP=cfg.pop("SWAP", False), PIPE=cfg.pop("PIPE", False), DOT_F32=INTERPRETED, **cfg)
     return y
 
