@@ -9,6 +9,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 from comfy.quant import host as int4
+from comfy.quant.errors import QuantFileError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ def load_diffusion_model(unet_path, model_options={}):
     sd, metadata = comfy.utils.load_torch_file(unet_path, return_metadata=True)
     try:
         return load_diffusion_model_state_dict(sd, model_options=model_options, metadata=metadata)
+    except QuantFileError as e:  # the same error, now naming the file
+        raise e.with_file(unet_path)
     except ValueError as e:
         raise ValueError(f"{unet_path}: {e}") from e
 

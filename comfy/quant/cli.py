@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+
+from comfy.quant.errors import QuantFileError
 
 
 def _demo(args):
@@ -117,7 +120,7 @@ def _bench(args):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m comfy.quant", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; on an error, show its traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="build, quantize, load and run a small Qwen-Image model, with a LoRA")
@@ -179,4 +182,17 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (QuantFileError, OSError) as e:  # a user's input problem: one line; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: Exception) -> str:
+    """``<file>: <what>`` for this package's errors and the OS's."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return " ".join(str(e).split())

@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from comfy.quant.errors import QuantFileError
 from comfy.quant.nunchaku_layout import (  # noqa: F401  (re-exported: the converter's public API)
     awq_deinterleave,
     awq_zeros_to_kitchen,
@@ -82,14 +83,14 @@ AWQ_GROUP_SIZE = 64
 _AWQ_GROUP_PAD = 16  # the AWQ group axis of wscales/wzeros is padded to a multiple of 16 groups
 
 
-class NunchakuConversionError(ValueError):
+class NunchakuConversionError(QuantFileError):
     """A Nunchaku checkpoint could not be converted; the message names module, tensor, expectation."""
 
 
 def _err(module: str, tensor: str, expected, got) -> NunchakuConversionError:
     return NunchakuConversionError(
-        f"Nunchaku checkpoint, module '{module}', tensor '{tensor}': expected {expected}, got {got}"
-    )
+        f"Nunchaku checkpoint, module '{module}', tensor '{tensor}': expected {expected}, got {got}",
+        layer=module, tensor=tensor, expected=expected, got=got)
 
 
 # ----------------------------------------------------------------------------------------------
