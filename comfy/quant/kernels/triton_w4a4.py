@@ -212,6 +212,7 @@ def _launcher(kernel, device):
 
 
 def padded_rows(m: int) -> int:
+    """``m`` rounded up to kitchen's activation row padding."""
     return -(-m // ROW_PAD) * ROW_PAD
 
 
@@ -269,17 +270,19 @@ def gemm(q: torch.Tensor, ascales: torch.Tensor, m: int, weight: torch.Tensor, w
     _launcher(_gemm_kernel, q.device)[grid](
         q, ascales, weight, wscales, la, up, y if bias is None else bias, y,
         m, n, m_pad, rank, la.stride(0), up.stride(0), y.stride(0),
-        K=k, R_BLOCKS=triton.cdiv(rank, cfg["BLOCK_R"]), HAS_BIAS=bias is not None, MAGIC_FMA=cfg.pop("MAGIC_FMA", not INTERPRETED),
-        ASM=cfg.pop("ASM", not INTERPRETED), SWAP=cfg.pop("SWAP", False), PIPE=cfg.pop("PIPE", False), DOT_F32=INTERPRETED, **cfg)
+        K=k, R_BLOCKS=triton.cdiv(rank, cfg["BLOCK_R"]), HAS_BIAS=bias is not None,
+        MAGIC_FMA=cfg.pop("MAGIC_FMA", not INTERPRETED), ASM=cfg.pop("ASM", not INTERPRETED),
+        SWAP=cfg.pop("SWAP", False), PIPE=cfg.pop("PIPE", False), DOT_F32=INTERPRETED, **cfg)
     return y
 
 
 def supports(x: torch.Tensor, weight) -> bool:
-    """Whether these kernels take this call (contiguous int8 codes, K a multiple of 64; any M and N)."""
+    """Whether these kernels take this call: contiguous codes and side tensors, K a multiple of 64, a
+    half-precision input in the side tensors' dtype (any M and N)."""
     p = weight._params
     k = weight._qdata.shape[1] * 2
-    return (k % GROUP == 0 and weight._qdata.is_contiguous() and p.scale.is_contiguous()
-            and x.dtype in (torch.bfloat16, torch.float16) and p.scale.dtype == x.dtype)
+    contiguous = all(t.is_contiguous() for t in (weight._qdata, p.scale, p.proj_up, p.smooth_factor))
+    return k % GROUP == 0 and contiguous and x.dtype in (torch.bfloat16, torch.float16) and p.scale.dtype == x.dtype
 
 
 def _side(weight):
@@ -295,7 +298,7 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
 def grouped_linear(x: torch.Tensor, weights, biases) -> list[torch.Tensor]:
     """One output per weight; the weights share ``smooth_factor``, ``proj_down`` and ``act_unsigned``
     (the caller checked), so the activation is quantized once and the low-rank input computed once."""
-    qdata, _, proj_down, _, smooth, unsigned = _side(weights[0])
+    _, _, proj_down, _, smooth, unsigned = _side(weights[0])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
