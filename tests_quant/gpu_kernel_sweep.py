@@ -67,10 +67,9 @@ def quant_sweep(rows):
 def awq_sweep(rows):
     n, k = 18432, 3072
     wq = rand_codes(n, k)
-    p = type("P", (), {"scale": torch.rand(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.02,
-                       "zeros": torch.randn(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.01, "group_size": 64})
-    wt = type("W", (), {"_qdata": wq, "_params": p})
-    nbytes = wq.numel() + 2 * p.scale.numel() * 2
+    scale = torch.rand(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.02
+    zeros = torch.randn(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.01
+    nbytes = wq.numel() + 2 * scale.numel() * 2
     for m in (1, 2, 8, 16, 256):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         base = yardsticks(m, k, n)
@@ -88,7 +87,7 @@ def awq_sweep(rows):
         best = None
         for c in grid:
             try:
-                t = us(lambda: A.linear(x, wt, None, config=c))
+                t = us(lambda: A.gemv(x, wq, scale, zeros, 64, None, config=c))
             except Exception as e:
                 print(f"  skip {c}: {type(e).__name__}: {str(e)[:80]}")
                 continue

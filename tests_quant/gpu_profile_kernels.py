@@ -25,13 +25,11 @@ def main():
         q, s = W.quantize(x, smooth, False)
         W.gemm(q, s, m, wq, ws, W.lora_activation(x, down), up, None, torch.bfloat16)
     na = 18432
-    p = type("P", (), {"scale": torch.rand(k // 64, na, device="cuda", dtype=torch.bfloat16) * 0.02,
-                       "zeros": torch.randn(k // 64, na, device="cuda", dtype=torch.bfloat16) * 0.01,
-                       "group_size": 64})
-    wt = type("W", (), {"_qdata": torch.randint(-128, 128, (na, k // 2), dtype=torch.int8, device="cuda"),
-                        "_params": p})
+    codes = torch.randint(-128, 128, (na, k // 2), dtype=torch.int8, device="cuda")
+    scale = torch.rand(k // 64, na, device="cuda", dtype=torch.bfloat16) * 0.02
+    zeros = torch.randn(k // 64, na, device="cuda", dtype=torch.bfloat16) * 0.01
     for _ in range(2):
-        A.linear(torch.randn(1, k, device="cuda", dtype=torch.bfloat16), wt, None)
+        A.gemv(torch.randn(1, k, device="cuda", dtype=torch.bfloat16), codes, scale, zeros, 64, None)
     torch.cuda.synchronize()
 
 

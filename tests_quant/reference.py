@@ -125,3 +125,21 @@ def w4a4_kernel_tolerance(y, mag_main, mag_low, mag_la, dtype, k, rank):
     main = (2 + k // 64 + 2) * e * mag_main
     low = u * mag_la + (k + rank + 2) * e * mag_low
     return 2 * (2 * u * y.abs() + main + low) + 1e-30
+
+
+def awq_magnitude(t, x, group_size):
+    """Σ_k |x|·(|q − 8|·|scale| + |zeros|): the terms the project's AWQ kernel sums (it applies scale and
+    zero point separately, so its rounding is weighed by these, not by Σ|x||W|)."""
+    q = unpack_nibbles(t["weight"], signed=False).double()
+    s = t["weight_scale"].double().t().repeat_interleave(group_size, dim=1)
+    z = t["weight_zeros"].double().t().repeat_interleave(group_size, dim=1)
+    return x.double().abs() @ ((q - 8).abs() * s.abs() + z.abs()).t()
+
+
+def awq_kernel_tolerance(y, mag, dtype, k, group_size, split):
+    """Elementwise bound for the project's AWQ kernel: products of the input and (code − 8) are exact;
+    fp32 sums over a group, the K/G groups and the split-K partials; the scale and zero-point
+    multiply-adds round once each; the output rounds once (a whole ulp, as in the W4A4 bound). Twice
+    that, for the bias addition's own rounding."""
+    u = unit_roundoff(dtype)
+    return 2 * (2 * u * y.abs() + (group_size + 2 * (k // group_size) + split + 4) * 2.0 ** -24 * mag) + 1e-30

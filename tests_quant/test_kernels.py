@@ -14,9 +14,10 @@ from comfy.quant import kernels
 from comfy.quant.deltas import LowRankDelta
 from comfy.quant.formats import format_of
 from comfy.quant.layer import run_linear_group, tie_shared_quant
+from comfy.quant.packing import pack_int4
 from factories import awq_tensors, prefixed, svdquant_tensors
-from kernel_env import AWQ, DEVICE, W4A4, requires_cuda, requires_kernels
-from reference import (awq_weight, kernel_tolerance, unpack_nibbles, w4a4_gemm_reference,
+from kernel_env import AWQ, DEVICE, W4A4, assert_same_arithmetic, requires_cuda, requires_kernels
+from reference import (awq_kernel_tolerance, awq_magnitude, awq_weight, kernel_tolerance, w4a4_gemm_reference,
                        w4a4_kernel_tolerance)
 
 pytestmark = requires_kernels
@@ -40,10 +41,6 @@ def _natural_codes(q, k):
     return q.view(q.shape[0], k // 64, 2, 32).permute(0, 1, 3, 2).reshape(q.shape[0], k)
 
 
-def _packed(codes):
-    return ((codes[:, 0::2].int() & 15) | ((codes[:, 1::2].int() & 15) << 4)).to(torch.int8)
-
-
 def _on_device(t):
     return {k: v.to(DEVICE) for k, v in t.items()}
 
@@ -60,7 +57,7 @@ def test_activation_codes_and_scales_equal_kitchen_eager(dtype, unsigned, m, shu
     down = torch.zeros(K, 1, dtype=dtype, device=DEVICE)
     q_ref, s_ref, _ = eager_svd.quantize_svdquant_w4a4(x_main, smooth, down, act_unsigned=unsigned, lora_x=x)
     assert q.shape == (q_ref.shape[0], K) and s.shape == s_ref.shape  # rows padded to 256, as kitchen pads
-    assert torch.equal(_packed(_natural_codes(q, K)), q_ref)
+    assert torch.equal(pack_int4(_natural_codes(q, K)), q_ref)
     assert torch.equal(s.to(dtype), s_ref) and torch.equal(s.to(dtype).float(), s)  # fp32 holding the dtype's value
     assert not q[m:].any() and not s[:, m:].any()
 
@@ -72,6 +69,14 @@ def _w4a4_case(dtype, unsigned, rank, loras, m, seed=0):
         t["weight_proj_down"] = torch.cat([t["weight_proj_down"], (torch.randn(K, 64, generator=g) * 0.02).to(dtype)], 1)
         t["weight_proj_up"] = torch.cat([t["weight_proj_up"], (torch.randn(N, 64, generator=g) * 0.02).to(dtype)], 1)
     return _on_device(t), _input(m, K, dtype, unsigned, seed=seed + m)
+
+
+def _bound(t, x, q, s, bias, dtype):
+    """float64 reference and the kernel's error bound for output rows of ``x`` given the kernel's own
+    activation codes and scales (those are checked bit-exact against kitchen separately)."""
+    m = x.shape[0]
+    ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(_natural_codes(q, K)[:m], s[:, :m].t(), t, x, bias)
+    return ref, w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, dtype, K, t["weight_proj_down"].shape[1])
 
 
 def _run_gemm(t, x, unsigned, dtype, config=None):
@@ -105,7 +110,7 @@ def test_w4a4_gemm_within_derived_bound_of_float64_and_kitchen(dtype, unsigned, 
 
     # kitchen's eager path on the same stored tensors (it rounds dequantized operands to the dtype)
     eager = eager_svd.scaled_mm_svdquant_w4a4(
-        act=_packed(codes), wgt=t["weight"], ascales=s[:, :m].to(dtype), wscales=t["weight_scale"],
+        act=pack_int4(codes), wgt=t["weight"], ascales=s[:, :m].to(dtype), wscales=t["weight_scale"],
         lora_act_in=x.float() @ t["weight_proj_down"].float(), lora_up=t["weight_proj_up"], bias=t["bias"],
         act_unsigned=unsigned)
     eager_tol = kernel_tolerance(mag_main + mag_low, dtype, K)
@@ -125,8 +130,7 @@ def test_w4a4_gemm_variants_compute_the_same_function(dtype, unsigned, swap, pip
     for use_asm in asm:
         cfg = dict(W4A4._config(m, N, DEVICE), SWAP=swap, ASM=use_asm, PIPE=pipe)
         y, q, s = _run_gemm(t, x, unsigned, dtype, config=cfg)
-        ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(_natural_codes(q, K)[:m], s[:, :m].t(), t, x, t["bias"])
-        tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, dtype, K, t["weight_proj_down"].shape[1])
+        ref, tol = _bound(t, x, q, s, t["bias"], dtype)
         assert ((y.double() - ref).abs() <= tol).all()
 
 
@@ -144,7 +148,10 @@ def test_layer_forward_runs_the_chosen_kernel_and_appended_lora():
         assert kernels.w4a4_kernel(DEVICE) is W4A4
         y = lin(x)
         direct = W4A4.linear(x, lin.weight, lin.bias)
-    assert torch.equal(y, direct)  # the layer adds nothing on top of the kernel
+    q, s = W4A4.quantize(x, t["weight_smooth_factor"], False)
+    ref, tol = _bound(t, x, q, s, t["bias"], dtype)
+    assert ((y.double() - ref).abs() <= tol).all()
+    assert_same_arithmetic(y, direct, tol)  # the layer adds nothing on top of the kernel
     with kernels.forced("kitchen"):
         assert kernels.w4a4_kernel(DEVICE) is None
     a = torch.randn(16, K) * 0.02
@@ -155,13 +162,13 @@ def test_layer_forward_runs_the_chosen_kernel_and_appended_lora():
     a, b = a.to(DEVICE, dtype).double(), b.to(DEVICE, dtype).double()
     delta = (x.double() @ a.t()) @ b.t()
     t_l = dict(t, weight_proj_down=lin.weight._params.proj_down, weight_proj_up=lin.weight._params.proj_up)
-    y_ref, q, s = _run_gemm(t_l, x, False, dtype)
-    assert torch.equal(y_lora, y_ref)
-    ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(_natural_codes(q, K)[:m], s[:, :m].t(), t_l, x, t["bias"])
+    y_direct = _run_gemm(t_l, x, False, dtype)[0]
+    ref, mag_main, mag_low, _ = w4a4_gemm_reference(_natural_codes(q, K)[:m], s[:, :m].t(), t_l, x, t["bias"])
     assert ((ref - (w4a4_gemm_reference(_natural_codes(q, K)[:m], s[:, :m].t(), t, x, t["bias"])[0] + delta)).abs()
             <= 1e-9 * (mag_low + mag_main)).all()  # the appended ranks are exactly s·(x Aᵀ) Bᵀ (in float64)
-    tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, dtype, K, 48)
+    ref, tol = _bound(t_l, x, q, s, t["bias"], dtype)
     assert ((y_lora.double() - ref).abs() <= tol).all()
+    assert_same_arithmetic(y_lora, y_direct, tol)
 
 
 def test_grouped_forward_quantizes_once_and_equals_separate_calls():
@@ -181,8 +188,9 @@ def test_grouped_forward_quantizes_once_and_equals_separate_calls():
     with kernels.forced("triton"):
         grouped = run_linear_group(x, mods)
         separate = [m(x) for m in mods]
-    for a, b in zip(grouped, separate):
-        assert torch.equal(a, b)  # same quantization, same GEMM: the same arithmetic
+    q, s = W4A4.quantize(x, attn.to_q.weight._params.smooth_factor, False)
+    for m, a, b in zip(mods, grouped, separate):  # same quantization, same GEMM: the same arithmetic
+        assert_same_arithmetic(a, b, _bound(_stored(m), x, q, s, m.bias, torch.bfloat16)[1])
 
     # a LoRA on each: one stacked proj_down, each proj_up zero where the siblings' ranks are
     g = torch.Generator().manual_seed(4)
@@ -193,20 +201,13 @@ def test_grouped_forward_quantizes_once_and_equals_separate_calls():
     with kernels.forced("triton"):
         grouped = run_linear_group(x, mods)
     for m, y in zip(mods, grouped):
-        p = m.weight._params
-        t = {"weight": m.weight._qdata, "weight_scale": p.scale, "weight_proj_down": p.proj_down,
-             "weight_proj_up": p.proj_up}
-        q, s = W4A4.quantize(x, p.smooth_factor, False)
-        ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(_natural_codes(q, K)[:20], s[:, :20].t(), t, x, m.bias)
-        tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, torch.bfloat16, K, p.proj_up.shape[1])
+        ref, tol = _bound(_stored(m), x, q, s, m.bias, torch.bfloat16)
         assert ((y.double() - ref).abs() <= tol).all()
 
 
-def _awq_mag(t, x, group):
-    q = unpack_nibbles(t["weight"], signed=False).double()
-    s = t["weight_scale"].double().t().repeat_interleave(group, dim=1)
-    z = t["weight_zeros"].double().t().repeat_interleave(group, dim=1)
-    return x.double().abs() @ ((q - 8).abs() * s.abs() + z.abs()).t()
+def _stored(module):
+    """A loaded SVDQuant layer's tensors under their file names (what the references take)."""
+    return format_of(module.weight).state_dict(module.weight)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -219,15 +220,10 @@ def test_awq_within_derived_bound_of_float64_and_kitchen(dtype, group, m, split)
     x = _input(m, k, dtype, False, seed=m + 1)
     w = awq_weight(t, group)
     ref = x.double() @ w.t() + t["bias"].double()
-    mag = _awq_mag(t, x, group) + t["bias"].double().abs()
-    p = type("P", (), {"scale": t["weight_scale"], "zeros": t["weight_zeros"], "group_size": group})
-    wt = type("W", (), {"_qdata": t["weight"], "_params": p})
+    mag = awq_magnitude(t, x, group) + t["bias"].double().abs()
     cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split, num_warps=4)
-    y = AWQ.linear(x, wt, t["bias"], config=cfg)
-    # products of the input and (code - 8) are exact; fp32 sums over a group, the K/G groups and the
-    # split partials; scale and zero-point multiply-adds round once each; output rounding (one ulp)
-    u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
-    tol = 2 * (2 * u * ref.abs() + (group + 2 * (k // group) + split + 4) * 2.0 ** -24 * mag) + 1e-30
+    y = AWQ.gemv(x, t["weight"], t["weight_scale"], t["weight_zeros"], group, t["bias"], config=cfg)
+    tol = awq_kernel_tolerance(ref, mag, dtype, k, group, split)
     err = (y.double() - ref).abs()
     assert torch.isfinite(y).all() and (err <= tol).all(), f"max err/tol {(err / tol).max():.3g}"
     bad = t["weight_scale"].clone()
@@ -242,9 +238,15 @@ def test_awq_layer_uses_the_kernel_for_few_rows_only_in_triton_or_auto_mode():
     t = awq_tensors(N, K, dtype=torch.bfloat16, seed=2)
     lin = _layer(t, N, K)
     x = _input(2, K, torch.bfloat16, False, seed=4)
+    t = _on_device(t)
+    ref = x.double() @ awq_weight(t, 64).t() + t["bias"].double()
+    split = AWQ._config(2, N, K // 64, DEVICE)["SPLIT_K"]
+    tol = awq_kernel_tolerance(ref, awq_magnitude(t, x, 64) + t["bias"].double().abs(), torch.bfloat16, K, 64, split)
     with kernels.forced("triton"):
         assert kernels.awq_kernel(DEVICE, 2) is AWQ
-        assert torch.equal(lin(x), AWQ.linear(x, lin.weight, lin.bias))
+        y = lin(x)
+        assert ((y.double() - ref).abs() <= tol).all()
+        assert_same_arithmetic(y, AWQ.linear(x, lin.weight, lin.bias), tol)
     with kernels.forced("kitchen"):
         assert kernels.awq_kernel(DEVICE, 2) is None
     with kernels.forced("auto"):

@@ -15,6 +15,7 @@ and gets the module to call, or None for kitchen's path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -90,7 +91,15 @@ def unavailable_reason(name: str) -> str | None:
 
 
 def _hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    if device.type != "cuda":
+        return False
+    return _capability_major(torch.cuda.current_device() if device.index is None else device.index) == 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    """Compute capability major of CUDA device ``index``, read once (a format asks on every forward)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _pick(name: str, device: torch.device, auto_ok: bool):

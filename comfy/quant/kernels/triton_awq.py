@@ -71,23 +71,27 @@ def supports(x: torch.Tensor, weight) -> bool:
             and p.zeros.is_contiguous() and x.dtype in (torch.bfloat16, torch.float16) and p.scale.dtype == x.dtype)
 
 
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None, config: dict | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for an AWQ W4A16 ``QuantizedTensor`` weight."""
-    p = weight._params
-    qdata, g = weight._qdata, int(p.group_size)
+def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor, group: int,
+         bias: torch.Tensor | None, config: dict | None = None) -> torch.Tensor:
+    """``(M, N)`` = ``x (M, K) @ Wᵀ + bias`` for AWQ codes ``qdata (N, K/2)``, ``scale``/``zeros (K/G, N)``."""
     n, k = qdata.shape[0], qdata.shape[1] * 2
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    cfg = dict(_config(m, n, k // g, x.device) if config is None else config)
+    m = x.shape[0]
+    cfg = dict(_config(m, n, k // group, x.device) if config is None else config)
     split = cfg.pop("SPLIT_K")
     out_dtype = x.dtype if split == 1 else torch.float32
     y = torch.empty(split, m, n, dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
     _launcher(_awq_kernel, x.device)[grid](
-        x2, qdata, p.scale, p.zeros, y if bias is None else bias, y, m, n, k, x2.stride(0),
-        GROUPS_PER_SPLIT=k // g // split, HAS_BIAS=bias is not None, DOT_F32=INTERPRETED, G=g, **cfg)
-    y = y[0] if split == 1 else y.sum(0).to(x.dtype)  # torch's reduction: fixed order, deterministic
-    return y.reshape(*lead, n)
+        x, qdata, scale, zeros, y if bias is None else bias, y, m, n, k, x.stride(0),
+        GROUPS_PER_SPLIT=k // group // split, HAS_BIAS=bias is not None, DOT_F32=INTERPRETED, G=group, **cfg)
+    return y[0] if split == 1 else y.sum(0).to(x.dtype)  # torch's reduction: fixed order, deterministic
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for an AWQ W4A16 ``QuantizedTensor`` weight."""
+    p = weight._params
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = gemv(x2, weight._qdata, p.scale, p.zeros, int(p.group_size), bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
