@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
-import safetensors
 import safetensors.torch
 import torch
 
 from comfy.quant import host as int4
-from comfy.quant.errors import UnreadableFileError
+from comfy.quant.safetensors_stream import open_checked
 from comfy.quant.formats import decode_config, encode_config
 
 logger = logging.getLogger(__name__)
@@ -24,16 +22,9 @@ def load_torch_file(ckpt, safe_load=True, device=None, return_metadata=False):
         device = torch.device("cpu")
     if not str(ckpt).lower().endswith((".safetensors", ".sft")):
         raise ValueError(f"{ckpt}: only safetensors files are supported")
-    if os.path.isdir(ckpt):
-        raise UnreadableFileError(ckpt, "it is a directory")
-    try:
-        with safetensors.safe_open(str(ckpt), framework="pt", device=str(device)) as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-            metadata = f.metadata() or {}
-    except FileNotFoundError:
-        raise UnreadableFileError(ckpt, "no such file") from None
-    except (safetensors.SafetensorError, OSError) as e:  # truncated, corrupt header, unreadable
-        raise UnreadableFileError(ckpt, str(e) or type(e).__name__) from None
+    with open_checked(ckpt, device) as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata() or {}
     return (sd, metadata) if return_metadata else sd
 
 

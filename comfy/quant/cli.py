@@ -20,10 +20,10 @@ def _quantize(args):
 
     import comfy.utils
     from comfy.quant.quantizer import QuantizeOptions, quantize_file
-    from comfy.quant.safetensors_stream import refuse_same_file
+    from comfy.quant.safetensors_stream import check_output
 
     try:  # before any work, the calibration file included; quantize_file checks again for library callers
-        refuse_same_file(args.input, args.output, "quantize")
+        check_output(args.input, args.output, "quantize", overwrite=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,3 +37,45 @@ class UnreadableFileError(QuantFileError):
 
     def __init__(self, file, why: str):
         super().__init__(f"cannot read as safetensors: {why}", file=file)
+
+
+class MetadataError(QuantFileError):
+    """File-level metadata (``config``, ``_quantization_metadata``, a layer's JSON) that does not parse,
+    is out of bounds, or does not agree with the tensors; ``tensor`` names the metadata entry."""
+
+    def __init__(self, entry: str, expected, got, *, file=None, layer=None):
+        where = f"quantized layer '{layer}': {entry}" if layer else f"metadata '{entry}'"
+        super().__init__(f"{where}: expected {expected}, got {got}", file=file, layer=layer, tensor=entry,
+                         expected=expected, got=got)
+
+
+class IncompleteModelError(QuantFileError):
+    """A file that does not hold every tensor of the model it describes, or holds tensors of modules the
+    model does not have: the model is not returned."""
+
+    def __init__(self, missing, unexpected, *, file=None):
+        missing, unexpected = sorted(missing), sorted(unexpected)
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) missing ({_listed(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) for modules the model does not have ({_listed(unexpected)})")
+        super().__init__("incomplete int4 model: " + "; ".join(parts) + "; nothing was loaded", file=file,
+                         tensor=(missing or unexpected or [None])[0], expected="every tensor of the model",
+                         got=f"{len(missing)} missing, {len(unexpected)} unexpected")
+        self.missing, self.unexpected = missing, unexpected
+
+
+class LoraError(QuantFileError):
+    """A LoRA (or its strength) that cannot be applied at all; single patches that cannot apply are
+    refused and reported instead, so the rest of the LoRA still applies."""
+
+
+class OutputFileError(QuantFileError):
+    """An output path a command must not write: the input itself, an existing file without ``--force``,
+    a directory, or a folder that does not exist."""
+
+
+def _listed(keys, n: int = 6) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", … {len(keys) - n} more" if len(keys) > n else "")

@@ -52,7 +52,7 @@ from comfy.quant.nunchaku_layout import (  # noqa: F401  (re-exported: the conve
 )
 from comfy.quant.formats.base import encode_config, quantization_header
 from comfy.quant.packing import pack_int4
-from comfy.quant.safetensors_stream import entry_bound, refuse_same_file, streaming_file
+from comfy.quant.safetensors_stream import entry_bound, check_output, streaming_file
 
 logger = logging.getLogger(__name__)
 
@@ -559,7 +559,7 @@ def convert_nunchaku_file(in_path: str, out_path: str, progress: bool = True) ->
     """
     from safetensors import safe_open
 
-    refuse_same_file(in_path, out_path, "convert_nunchaku_file")
+    check_output(in_path, out_path, "convert_nunchaku_file", overwrite=True)
     with safe_open(in_path, framework="pt", device="cpu") as f:
         metadata = dict(f.metadata() or {})
         keys = list(f.keys())

@@ -27,7 +27,7 @@ import torch
 from comfy.quant.formats import decode_config, encode_config, quantization_header
 from comfy.quant.formats.svdquant_w4a4 import GROUP_SIZE, UNSIGNED_SHIFT
 from comfy.quant.packing import pack_int4
-from comfy.quant.safetensors_stream import entry_bound, refuse_same_file, streaming_file
+from comfy.quant.safetensors_stream import entry_bound, check_output, streaming_file
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def quantize_file(in_path, out_path, options=QuantizeOptions(), calibration=None
     Memory holds one layer (or one q/k/v group) at a time: inputs are read with ``safe_open`` and
     outputs written as they are made. Refuses (``ValueError``) an output that is the input file.
     """
-    refuse_same_file(in_path, out_path, "quantize_file")
+    check_output(in_path, out_path, "quantize_file", overwrite=True)
     import safetensors
     from tqdm import tqdm
 

@@ -13,7 +13,10 @@ import math
 import os
 import struct
 
+import safetensors
 import torch
+
+from comfy.quant.errors import OutputFileError, UnreadableFileError
 
 _TORCH_TO_ST_DTYPE = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -75,14 +78,13 @@ def entry_bound(name: str, ndim: int) -> int:
     return len(json.dumps(name)) + 120 + 21 * max(1, ndim)
 
 
-def refuse_same_file(in_path, out_path, what: str) -> None:
-    """Raise ``ValueError`` (naming both paths) when writing ``out_path`` would replace ``in_path``.
+def check_output(in_path, out_path, what: str, overwrite: bool = False) -> None:
+    """Raise ``OutputFileError`` when ``out_path`` must not be written; call it before any work.
 
-    Compares the resolved paths (symlinks to the file or to a directory above it, ``..``, relative
-    spellings) and, when the output exists, asks ``os.path.samefile`` (hard links, case-insensitive file
-    systems). Call it before any work: the writer renames ``<out>.partial`` onto ``out_path`` at the end,
-    which replaces the input when both name one directory entry, and otherwise replaces a link that the
-    caller named as the output although it is the input.
+    Refused: the input itself (resolved paths: symlinks to the file or a directory above it, ``..``,
+    relative spellings; and ``os.path.samefile`` for hard links and case-insensitive file systems), a
+    directory, a folder that does not exist, and an existing file unless ``overwrite``. The writer renames
+    ``<out>.partial`` onto ``out_path`` at the end, which would replace the input if both named one file.
     """
     same = os.path.realpath(in_path) == os.path.realpath(out_path)
     if not same and os.path.exists(out_path):
@@ -91,8 +93,31 @@ def refuse_same_file(in_path, out_path, what: str) -> None:
         except OSError:  # the input cannot be stat'ed: not the same file; opening it reports the problem
             same = False
     if same:
-        raise ValueError(f"{what}: output '{out_path}' is the same file as input '{in_path}'; "
-                         "refusing to overwrite the input (choose another output path)")
+        raise OutputFileError(f"{what}: output is the same file as the input '{in_path}'; refusing to overwrite "
+                              "the input (choose another output path)", file=out_path)
+    if os.path.isdir(out_path):
+        raise OutputFileError(f"{what}: output is a directory; give a file path", file=out_path)
+    parent = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(parent):
+        raise OutputFileError(f"{what}: the output's folder {parent} does not exist", file=out_path)
+    if os.path.exists(out_path) and not overwrite:
+        raise OutputFileError(f"{what}: output exists; refusing to replace it (--force to overwrite)", file=out_path)
+
+
+@contextlib.contextmanager
+def open_checked(path, device: str = "cpu"):
+    """``safetensors.safe_open(path)`` whose failures (missing, a directory, truncated, corrupt header)
+    are ``UnreadableFileError`` naming ``path``; errors raised inside the block pass through unchanged."""
+    if os.path.isdir(path):
+        raise UnreadableFileError(path, "it is a directory")
+    try:
+        handle = safetensors.safe_open(str(path), framework="pt", device=str(device))
+    except FileNotFoundError:
+        raise UnreadableFileError(path, "no such file") from None
+    except (safetensors.SafetensorError, OSError) as e:  # truncated, corrupt header, unreadable
+        raise UnreadableFileError(path, str(e) or type(e).__name__) from None
+    with handle as f:
+        yield f
 
 
 @contextlib.contextmanager
@@ -104,9 +129,9 @@ def streaming_file(path: str, header_reserve: int):
         yield writer
         if not writer.f.closed:
             raise RuntimeError(f"{path}: writer left without finish()")
+        os.replace(tmp, path)
     except BaseException:
         writer.abort()
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    os.replace(tmp, path)
