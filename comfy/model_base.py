@@ -4,6 +4,7 @@ import logging
 import torch
 
 from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+from comfy.quant import host as int4
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ class BaseModel(torch.nn.Module):
         """Load ``sd`` (consumed key by key) into the transformer; returns (missing, unexpected) keys."""
         to_load = {k[len(unet_prefix):]: sd.pop(k) for k in list(sd) if k.startswith(unet_prefix)}
         result = self.diffusion_model.load_state_dict(to_load, strict=False)
+        int4.check_complete(self.diffusion_model, result.missing_keys, result.unexpected_keys)
         missing = [k for k in result.missing_keys if not k.endswith("__index_timestep_zero__")]
         if missing:
             logger.warning("unet missing: %s", missing)

@@ -2,11 +2,12 @@
 
 Only unquantized tensors are measured: a packed int4 weight has half its logical width.
 """
-import json
 import logging
 import re
 
 from comfy import supported_models
+from comfy.quant.errors import IncompleteModelError, MetadataError, QuantFileError
+from comfy.quant.metadata import parse_object
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +25,26 @@ def default_axes_dims_rope(head_dim):
     """(t, h, w) RoPE widths; the real model's (16, 56, 56) at head dim 128, the same proportions otherwise."""
     t = head_dim // 8
     if t % 2 or (head_dim - t) % 4:
-        raise ValueError(f"cannot split head dim {head_dim} into RoPE axes; give axes_dims_rope in the file's config")
+        raise MetadataError("config", f"axes_dims_rope (head dim {head_dim} has no default RoPE split)", "none")
     return (t, (head_dim - t) // 2, (head_dim - t) // 2)
+
+
+def rope_axes(metadata, head_dim, heads):
+    """RoPE axes from the file's ``config`` metadata, checked against the tensors, else the default split."""
+    raw = (metadata or {}).get("config")
+    file_config = parse_object(raw, "config") if raw else {}
+    for name, value in (("attention_head_dim", head_dim), ("num_attention_heads", heads)):
+        if name in file_config and file_config[name] != value:
+            raise MetadataError("config", f"{name} = {value} (from the tensors)", repr(file_config[name])[:80])
+    axes = file_config.get("axes_dims_rope")
+    if axes is None:
+        return default_axes_dims_rope(head_dim)
+    if (not isinstance(axes, list) or len(axes) != 3
+            or not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 and a % 2 == 0 for a in axes)):
+        raise MetadataError("config", "axes_dims_rope: three positive even integers", repr(axes)[:80])
+    if sum(axes) != head_dim:
+        raise MetadataError("config", f"axes_dims_rope summing to the head dim {head_dim}", f"{axes} (sum {sum(axes)})")
+    return tuple(axes)
 
 
 def detect_unet_config(state_dict, key_prefix, metadata=None):
@@ -34,14 +53,21 @@ def detect_unet_config(state_dict, key_prefix, metadata=None):
     def shape(name):
         key = f"{key_prefix}{name}"
         if key not in state_dict:
-            raise ValueError(f"Qwen-Image checkpoint: tensor '{key}' expected (unquantized), not found")
+            raise IncompleteModelError([key], [])
         return state_dict[key].shape
 
     inner_dim, in_channels = shape("img_in.weight")
     head_dim = shape("transformer_blocks.0.attn.norm_q.weight")[0]
     if inner_dim % head_dim:
-        raise ValueError(f"Qwen-Image checkpoint: inner dim {inner_dim} is not a multiple of head dim {head_dim}")
+        raise QuantFileError(f"Qwen-Image checkpoint: img_in.weight width {inner_dim} is not a multiple of the head "
+                             f"dim {head_dim} (transformer_blocks.0.attn.norm_q.weight)", tensor="img_in.weight",
+                             expected=f"a multiple of {head_dim}", got=inner_dim)
     blocks = {int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k[len(key_prefix):]))}
+    if blocks != set(range(len(blocks))):
+        first_gap = min(set(range(len(blocks) + 1)) - blocks)
+        raise QuantFileError(f"Qwen-Image checkpoint: transformer_blocks numbered {sorted(blocks)}: expected 0..N-1 "
+                             f"without gaps (block {first_gap} is missing)", tensor=f"transformer_blocks.{first_gap}",
+                             expected="blocks 0..N-1", got=sorted(blocks))
     config = {
         "patch_size": 2,
         "in_channels": in_channels,
@@ -51,9 +77,7 @@ def detect_unet_config(state_dict, key_prefix, metadata=None):
         "num_attention_heads": inner_dim // head_dim,
         "joint_attention_dim": shape("txt_norm.weight")[0],
     }
-    file_config = json.loads((metadata or {}).get("config", "{}") or "{}")
-    axes = file_config.get("axes_dims_rope")
-    config["axes_dims_rope"] = tuple(axes) if axes else default_axes_dims_rope(head_dim)
+    config["axes_dims_rope"] = rope_axes(metadata, head_dim, config["num_attention_heads"])
     if f"{key_prefix}__index_timestep_zero__" in state_dict:
         config["default_ref_method"] = "index_timestep_zero"
     if f"{key_prefix}time_text_embed.addition_t_embedding.weight" in state_dict:

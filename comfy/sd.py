@@ -23,7 +23,8 @@ def load_diffusion_model_state_dict(sd, model_options={}, metadata=None):
 
     model_config = comfy.model_detection.model_config_from_unet(sd, "", metadata=metadata)
     if model_config is None:
-        raise ValueError(f"could not detect a supported diffusion model; first keys: {list(sd)[:8]}")
+        raise QuantFileError(f"not a supported diffusion model (this build loads Qwen-Image): no 'txt_norm.weight'; "
+                             f"first keys: {list(sd)[:8]}", expected="a Qwen-Image diffusion model")
     model_config.quant_config = comfy.utils.detect_layer_quantization(sd, "")
 
     load_device = model_options.get("load_device", comfy.model_management.get_torch_device())
@@ -47,8 +48,6 @@ def load_diffusion_model(unet_path, model_options={}):
         return load_diffusion_model_state_dict(sd, model_options=model_options, metadata=metadata)
     except QuantFileError as e:  # the same error, now naming the file
         raise e.with_file(unet_path)
-    except ValueError as e:
-        raise ValueError(f"{unet_path}: {e}") from e
 
 
 def load_lora_for_models(model, clip, lora, strength_model, strength_clip):

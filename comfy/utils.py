@@ -1,19 +1,18 @@
 """File helpers (mirrors upstream ``comfy/utils.py``, the parts on the int4 path)."""
 from __future__ import annotations
 
-import json
 import logging
 
 import safetensors.torch
 import torch
 
 from comfy.quant import host as int4
-from comfy.quant.safetensors_stream import open_checked
+from comfy.quant.errors import MetadataError
+from comfy.quant.loading import HEADER_KEY as QUANT_METADATA_KEY, quantization_layers
 from comfy.quant.formats import decode_config, encode_config
+from comfy.quant.safetensors_stream import open_checked
 
 logger = logging.getLogger(__name__)
-
-QUANT_METADATA_KEY = "_quantization_metadata"
 
 
 def load_torch_file(ckpt, safe_load=True, device=None, return_metadata=False):
@@ -37,22 +36,15 @@ def save_torch_file(sd, ckpt, metadata=None):
 def convert_old_quants(state_dict, model_prefix="", metadata=None):
     """Turn a file-level ``_quantization_metadata`` header into per-layer ``<layer>.comfy_quant`` tensors."""
     metadata = dict(metadata or {})
-    raw = metadata.pop(QUANT_METADATA_KEY, None)
-    if raw is None:
+    layers = quantization_layers(metadata)
+    metadata.pop(QUANT_METADATA_KEY, None)
+    if not layers:
         return state_dict, metadata
-    try:
-        header = json.loads(raw) if isinstance(raw, str) else raw
-        layers = header["layers"]
-        if not isinstance(layers, dict):
-            raise TypeError("'layers' is not an object")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"file metadata {QUANT_METADATA_KEY}: expected JSON with a 'layers' object, got {e}") from None
     for layer, conf in layers.items():
         key = f"{model_prefix}{layer}.comfy_quant"
-        decode_config(json.dumps(conf), layer)  # same checks as a per-layer entry
         if key in state_dict and decode_config(state_dict[key], layer) != conf:
-            raise ValueError(f"quantized layer '{layer}': comfy_quant: per-layer entry and "
-                             f"{QUANT_METADATA_KEY} disagree")
+            raise MetadataError("comfy_quant", f"the same JSON as its {QUANT_METADATA_KEY} entry {conf}",
+                                decode_config(state_dict[key], layer), layer=layer)
         state_dict[key] = encode_config(conf)
     return state_dict, metadata
 

@@ -17,7 +17,10 @@ Models
     ``tie_shared_quant(model)``            after loading weights
     ``quant_algos()``, ``layout_class(name)`` for ``quant_ops.QUANT_ALGOS`` and its layout registry
 Files
-    ``prepare_state_dict(sd, metadata)``   Nunchaku checkpoints become native int4 tensors
+    ``prepare_state_dict(sd, metadata)``   Nunchaku checkpoints become native int4 tensors; the file's
+                                           quantization metadata is checked before a model is built
+    ``check_complete(model, missing, unexpected)``  after ``load_state_dict``: an int4 model loads whole or
+                                           raises ``IncompleteModelError``
     ``saveable(sd)``                       shared tensors (tied q/k/v) cloned, as safetensors requires
 Model patcher (LoRA)
     ``patch_problem``, ``patch_weight``, ``group_is_patched``, ``Backup``   see ``comfy.quant.patching``
@@ -30,6 +33,7 @@ from comfy.quant import formats, kitchen, nunchaku
 from comfy.quant.deltas import as_parameter, output_terms
 from comfy.quant.layer import (checked_bias, is_int4, linear_forward, load_linear, move_weight, run_linear_group,
                                save_linear, tie_shared_quant)
+from comfy.quant.loading import check_complete, check_state_dict
 from comfy.quant.patching import Backup, group_is_patched, patch_problem, patch_weight
 
 logger = logging.getLogger(__name__)
@@ -46,11 +50,13 @@ def layout_class(name: str):
 
 
 def prepare_state_dict(sd: dict, metadata: dict | None):
-    """``(sd, metadata)`` ready for a ComfyUI loader: a Nunchaku checkpoint is converted in memory."""
+    """``(sd, metadata)`` ready for a ComfyUI loader: a Nunchaku checkpoint is converted in memory, and
+    the quantization metadata is checked (``comfy.quant.loading.check_state_dict``)."""
     metadata = dict(metadata or {})
     if nunchaku.is_nunchaku_checkpoint(sd.keys(), metadata):
         logger.info("Nunchaku checkpoint: converting to ComfyUI-native int4 while loading")
-        return nunchaku.convert_nunchaku_state_dict(sd, metadata)
+        sd, metadata = nunchaku.convert_nunchaku_state_dict(sd, metadata)
+    check_state_dict(sd, metadata)
     return sd, metadata
 
 
@@ -65,6 +71,6 @@ def saveable(sd: dict) -> dict:
     return out
 
 
-__all__ = ["Backup", "as_parameter", "checked_bias", "group_is_patched", "is_int4", "layout_class", "linear_forward",
-           "load_linear", "move_weight", "output_terms", "patch_problem", "patch_weight", "prepare_state_dict",
+__all__ = ["Backup", "as_parameter", "check_complete", "checked_bias", "group_is_patched", "is_int4", "layout_class",
+           "linear_forward", "load_linear", "move_weight", "output_terms", "patch_problem", "patch_weight", "prepare_state_dict",
            "quant_algos", "run_linear_group", "save_linear", "saveable", "tie_shared_quant"]
