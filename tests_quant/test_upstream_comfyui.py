@@ -268,3 +268,65 @@ def test_save_reload_bit_identical_with_full_layer_json(comfyui, models, tmp_pat
         print(f"[save {tag}] {len(layers)} int4 layers; " + "; ".join(
             f"{how}: {e['compare']['count']} tensors bit-identical, key prefix {e['key_prefix']!r}"
             for how, e in info["saved"].items()))
+
+
+# ------------------------------------------------------------------------------------ hostile input
+def _hostile_models(models, d):
+    """A models folder of edited copies of the int4 file and the LoRA A file, one flaw each."""
+    import shutil
+
+    import safetensors.torch
+    (d / "diffusion_models").mkdir(parents=True)
+    (d / "loras").mkdir()
+    good = models.path(models.int4_name)
+    shutil.copy(good, d / "diffusion_models" / "good.safetensors")
+    with safetensors.safe_open(str(good), "pt") as f:
+        sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+    def edited(name, edit):
+        t = {k: v.clone() for k, v in sd.items()}
+        edit(t)
+        safetensors.torch.save_file(t, str(d / "diffusion_models" / name), metadata=meta)
+        return name
+
+    data = good.read_bytes()
+    (d / "diffusion_models" / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (d / "diffusion_models" / "garbage.safetensors").write_bytes(b"\x07" * 300)
+    layer = "transformer_blocks.0.attn.to_out.0"
+    files = {
+        "truncated": "truncated.safetensors", "garbage": "garbage.safetensors",
+        "missing bias": edited("no-bias.safetensors", lambda t: t.pop(f"{layer}.bias")),
+        "stray module": edited("stray.safetensors", lambda t: t.__setitem__("transformer_blocks.0.attn.to_z.weight",
+                                                                            torch.zeros(4, 4))),
+        "nan scale": edited("nan-scale.safetensors", lambda t: t[f"{layer}.weight_scale"].view(-1)[3].fill_(float("nan"))),
+    }
+    lora = d.parent / "lora-a.safetensors"
+    shutil.copy(models.dir / "loras" / models.loras["A"].name, lora)
+    raw = lora.read_bytes()
+    (d / "loras" / "corrupt.safetensors").write_bytes(raw[: len(raw) // 3])
+    return files
+
+
+def test_hostile_files_through_upstream_loaders(comfyui, models, tmp_path):
+    """UNETLoader and the LoRA loaders of the patched upstream meet bad files with the project's errors,
+    naming the file (truncated / corrupt files, a missing bias, a stray module, a NaN scale); the good
+    file loads (negative control)."""
+    d = tmp_path / "models"
+    files = _hostile_models(models, d)
+    r = U.run_in_comfyui(comfyui.path, "hostile", tmp_path, models_dir=d, model="good.safetensors",
+                         files={"good": "good.safetensors", **files}, loras={}, corrupt_lora="corrupt.safetensors")
+    assert not r["errors"], U.format_errors(r["errors"])
+    out = r["files"]
+    assert out["good"]["outcome"] == "ok", out["good"]
+    expected = {"truncated": "UnreadableFileError", "garbage": "UnreadableFileError",
+                "missing bias": "IncompleteModelError", "stray module": "IncompleteModelError",
+                "nan scale": "QuantizedLayerError"}
+    for tag, cls in expected.items():
+        got = out[tag]
+        assert got["outcome"] == "error" and got["type"] == cls, (tag, got)
+        assert "QuantFileError" in got["classes"] and "ValueError" in got["classes"], (tag, got)
+        assert files.get(tag, "") in got["message"], (tag, got)
+    assert "to_out.0.bias" in out["missing bias"]["message"] and "to_z.weight" in out["stray module"]["message"]
+    assert "weight_scale" in out["nan scale"]["message"]
+    direct = r["lora_file_direct"]
+    assert direct["type"] == "UnreadableFileError" and "corrupt.safetensors" in direct["message"], direct

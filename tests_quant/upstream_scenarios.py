@@ -474,8 +474,42 @@ def scenario_save(rec, params):
         mm.unload_all_models()
 
 
+def _outcome(fn):
+    """What a user meets: ``{"outcome": "ok", "value": fn()}`` or the error's type, its classes and message."""
+    try:
+        return {"outcome": "ok", "value": fn()}
+    except Exception as e:
+        return {"outcome": "error", "type": type(e).__name__, "classes": [c.__name__ for c in type(e).__mro__],
+                "message": str(e)[:600]}
+
+
+def scenario_hostile(rec, params):
+    """Bad files through upstream's own loaders: ``UNETLoader`` on each of ``params["files"]``, then
+    ``LoraLoaderModelOnly`` on the good model with each of ``params["loras"]`` ({tag: [name, strength]}),
+    recording per case the outcome, the patched keys and the WARNING+ log lines."""
+    import comfy.utils
+    import nodes
+    import folder_paths
+    _setup_folders(params)
+    rec.result["files"] = {tag: _outcome(lambda n=name: type(_load_unet(n)).__name__)
+                           for tag, name in params["files"].items()}
+    with rec.step("load good"):
+        base = _load_unet(params["model"])
+    if not rec.ok("load good"):
+        return
+    rec.result["loras"] = {}
+    for tag, (name, strength) in params["loras"].items():
+        with rec.step(f"lora {tag}"):
+            def apply(name=name, strength=strength):
+                patched = nodes.LoraLoaderModelOnly().load_lora_model_only(base, name, strength)[0]
+                return sorted(patched.patches)
+            rec.result["loras"][tag] = _outcome(apply)
+    rec.result["lora_file_direct"] = _outcome(
+        lambda: len(comfy.utils.load_torch_file(folder_paths.get_full_path("loras", params["corrupt_lora"]))))
+
+
 SCENARIOS = {"smoke": scenario_smoke, "load": scenario_load, "lora": scenario_lora, "sample": scenario_sample,
-             "save": scenario_save}
+             "save": scenario_save, "hostile": scenario_hostile}
 
 
 def main(argv):

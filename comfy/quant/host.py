@@ -22,8 +22,14 @@ Files
     ``check_complete(model, missing, unexpected)``  after ``load_state_dict``: an int4 model loads whole or
                                            raises ``IncompleteModelError``
     ``saveable(sd)``                       shared tensors (tied q/k/v) cloned, as safetensors requires
+    ``raise_if_unreadable(path, error)``   in ``load_torch_file``'s handler: a corrupt, truncated or missing
+                                           file, or a directory, becomes ``UnreadableFileError`` naming it
+Errors
+    ``QuantFileError``                     the base of every input error above (a ``ValueError``);
+                                           ``e.with_file(path)`` names the file and returns ``e``
 Model patcher (LoRA)
     ``patch_problem``, ``patch_weight``, ``group_is_patched``, ``Backup``   see ``comfy.quant.patching``
+    ``adapter_problem``, ``strength_problem``, ``check_strength``          LoRA checks before anything is patched
 """
 from __future__ import annotations
 
@@ -33,8 +39,11 @@ from comfy.quant import formats, kitchen, nunchaku
 from comfy.quant.deltas import as_parameter, output_terms
 from comfy.quant.layer import (checked_bias, is_int4, linear_forward, load_linear, move_weight, run_linear_group,
                                save_linear, tie_shared_quant)
+from comfy.quant.errors import QuantFileError
 from comfy.quant.loading import check_complete, check_state_dict
-from comfy.quant.patching import Backup, group_is_patched, patch_problem, patch_weight
+from comfy.quant.safetensors_stream import raise_if_unreadable
+from comfy.quant.patching import (Backup, adapter_problem, check_strength, group_is_patched, patch_problem,
+                                  patch_weight, strength_problem)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +80,7 @@ def saveable(sd: dict) -> dict:
     return out
 
 
-__all__ = ["Backup", "as_parameter", "check_complete", "checked_bias", "group_is_patched", "is_int4", "layout_class",
+__all__ = ["Backup", "adapter_problem", "check_strength", "strength_problem",
+           "as_parameter", "check_complete", "checked_bias", "group_is_patched", "is_int4", "layout_class",
            "linear_forward", "load_linear", "move_weight", "output_terms", "patch_problem", "patch_weight", "prepare_state_dict",
-           "quant_algos", "run_linear_group", "save_linear", "saveable", "tie_shared_quant"]
+           "QuantFileError", "quant_algos", "raise_if_unreadable", "run_linear_group", "save_linear", "saveable", "tie_shared_quant"]

@@ -104,18 +104,27 @@ def check_output(in_path, out_path, what: str, overwrite: bool = False) -> None:
         raise OutputFileError(f"{what}: output exists; refusing to replace it (--force to overwrite)", file=out_path)
 
 
+def raise_if_unreadable(path, error: Exception) -> None:
+    """Raise ``UnreadableFileError`` naming ``path`` when ``error``, raised while opening or reading a
+    safetensors file, says the file cannot be read (missing, a directory, truncated, a corrupt header);
+    any other error is left to the caller. Upstream's ``load_torch_file`` calls it in its handler."""
+    if os.path.isdir(path):
+        raise UnreadableFileError(path, "it is a directory") from None
+    if isinstance(error, FileNotFoundError):
+        raise UnreadableFileError(path, "no such file") from None
+    if isinstance(error, (safetensors.SafetensorError, OSError, ValueError, KeyError, struct.error)):
+        raise UnreadableFileError(path, str(error) or type(error).__name__) from None
+
+
 @contextlib.contextmanager
 def open_checked(path, device: str = "cpu"):
     """``safetensors.safe_open(path)`` whose failures (missing, a directory, truncated, corrupt header)
     are ``UnreadableFileError`` naming ``path``; errors raised inside the block pass through unchanged."""
-    if os.path.isdir(path):
-        raise UnreadableFileError(path, "it is a directory")
     try:
         handle = safetensors.safe_open(str(path), framework="pt", device=str(device))
-    except FileNotFoundError:
-        raise UnreadableFileError(path, "no such file") from None
-    except (safetensors.SafetensorError, OSError) as e:  # truncated, corrupt header, unreadable
-        raise UnreadableFileError(path, str(e) or type(e).__name__) from None
+    except Exception as e:
+        raise_if_unreadable(path, e)
+        raise
     with handle as f:
         yield f
 
