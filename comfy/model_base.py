@@ -21,8 +21,7 @@ class BaseModel(torch.nn.Module):
     def load_model_weights(self, sd, unet_prefix=""):
         """Load ``sd`` (consumed key by key) into the transformer; returns (missing, unexpected) keys."""
         to_load = {k[len(unet_prefix):]: sd.pop(k) for k in list(sd) if k.startswith(unet_prefix)}
-        result = self.diffusion_model.load_state_dict(to_load, strict=False)
-        int4.check_complete(self.diffusion_model, result.missing_keys, result.unexpected_keys)
+        result = int4.load_state_dict(self.diffusion_model, to_load, strict=False)  # int4 files: all or nothing
         missing = [k for k in result.missing_keys if not k.endswith("__index_timestep_zero__")]
         if missing:
             logger.warning("unet missing: %s", missing)

@@ -6,16 +6,23 @@ model is returned only if every tensor of it came from the file.
   a layer whose tensors only an int4 format writes (``weight_proj_down``, ``weight_zeros``, ...) has
   quantization metadata (else a plain ``Linear`` would meet packed bytes and torch's "Error(s) in
   loading state_dict").
-* ``check_complete(model, missing, unexpected)`` after ``load_state_dict(strict=False)``: a model that
-  holds int4 weights raises ``IncompleteModelError`` for any missing tensor (a bias or norm weight would
-  stay ``torch.empty``) and any tensor of a module the model does not have (a stray block). Float-only
-  models keep the host's lenient warning. A missing tensor with no elements (a marker buffer such as
+* ``load_state_dict(model, sd, strict, assign)`` in place of ``model.load_state_dict`` for a file with
+  int4 layers: before anything is copied, every float tensor must have the shape the model expects and a
+  float dtype (torch would stop halfway with "Error(s) in loading state_dict", or copy an int tensor into
+  a float one); after, ``check_complete``.
+* ``check_complete(model, missing, unexpected)``: a model that holds int4 weights raises
+  ``IncompleteModelError`` for any missing tensor (a bias or norm weight would stay ``torch.empty``) and
+  any tensor of a module the model does not have (a stray block), and ``QuantFileError`` for a float
+  tensor that is not finite (the int4 layers check their own tensors as they load). Float-only models
+  keep the host's lenient warning. A missing tensor with no elements (a marker buffer such as
   Qwen-Image-Edit's ``__index_timestep_zero__``) carries no data and is not counted.
 """
 from __future__ import annotations
 
+import torch
+
 from comfy.quant import formats
-from comfy.quant.errors import IncompleteModelError, MetadataError, QuantizedLayerError
+from comfy.quant.errors import IncompleteModelError, MetadataError, QuantFileError, QuantizedLayerError
 from comfy.quant.metadata import parse_object
 
 HEADER_KEY = "_quantization_metadata"
@@ -58,11 +65,63 @@ def holds_int4(model) -> bool:
     return any(formats.format_of(getattr(m, "weight", None)) is not None for m in model.modules())
 
 
+def _own_tensors(model) -> dict:
+    """``{state-dict key: tensor}`` of the parameters and persistent buffers the model holds now (read
+    from the modules, not ``state_dict()``, which a host's linear without a weight yet cannot write)."""
+    out = {}
+    for path, module in model.named_modules():
+        prefix = f"{path}." if path else ""
+        named = list(module._parameters.items()) + [(n, b) for n, b in module._buffers.items()
+                                                    if n not in module._non_persistent_buffers_set]
+        out.update((prefix + n, t) for n, t in named if t is not None)
+    return out
+
+
+def _float_tensors(model) -> dict:
+    """``{key: tensor}`` of the model's own float parameters and buffers (int4 weights excluded)."""
+    return {k: t for k, t in _own_tensors(model).items() if formats.format_of(t) is None and t.is_floating_point()}
+
+
+def check_shapes(model, sd) -> None:
+    """Every tensor of ``sd`` that loads into a float tensor of ``model`` has its shape and a float dtype."""
+    for key, target in _float_tensors(model).items():
+        t = sd.get(key)
+        if t is None:
+            continue
+        if tuple(t.shape) != tuple(target.shape):
+            raise QuantFileError(f"tensor '{key}': expected shape {tuple(target.shape)}, got {tuple(t.shape)}",
+                                 tensor=key, expected=tuple(target.shape), got=tuple(t.shape))
+        if not t.is_floating_point():
+            raise QuantFileError(f"tensor '{key}': expected a float dtype, got {t.dtype}", tensor=key,
+                                 expected="a float dtype", got=t.dtype)
+
+
+def check_finite(model) -> None:
+    for key, t in _float_tensors(model).items():
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise QuantFileError(f"tensor '{key}': expected finite values, got {bad} NaN/Inf", tensor=key,
+                                 expected="finite values", got=f"{bad} NaN/Inf")
+
+
 def check_complete(model, missing_keys, unexpected_keys) -> None:
-    """Raise ``IncompleteModelError`` when ``model`` holds int4 weights and did not load whole."""
-    if not (missing_keys or unexpected_keys) or not holds_int4(model):
+    """Raise when ``model`` holds int4 weights and did not load whole, or holds a non-finite float tensor."""
+    if not holds_int4(model):
         return
-    tensors = dict(model.state_dict(keep_vars=True)) if missing_keys else {}
-    missing = [k for k in missing_keys if k not in tensors or tensors[k] is None or tensors[k].numel()]
-    if missing or unexpected_keys:
-        raise IncompleteModelError(missing, unexpected_keys)
+    if missing_keys or unexpected_keys:
+        tensors = _own_tensors(model)
+        missing = [k for k in missing_keys if k not in tensors or tensors[k] is None or tensors[k].numel()]
+        if missing or unexpected_keys:
+            raise IncompleteModelError(missing, unexpected_keys)
+    check_finite(model)
+
+
+def load_state_dict(model, sd, strict=False, assign=False):
+    """``model.load_state_dict(sd, strict=strict, assign=assign)``, all-or-nothing when ``sd`` has int4 layers."""
+    quantized = any(k.endswith(".comfy_quant") for k in sd)
+    if quantized:
+        check_shapes(model, sd)
+    result = model.load_state_dict(sd, strict=strict, assign=assign)
+    if quantized:
+        check_complete(model, result.missing_keys, result.unexpected_keys)
+    return result
