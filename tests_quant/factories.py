@@ -34,3 +34,11 @@ def awq_tensors(n, k, group_size=64, dtype=torch.bfloat16, seed=0):
 
 def prefixed(prefix, tensors):
     return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+
+def poisoned(t, value, *at):
+    """A copy of ``t`` holding ``value`` at each index of ``at`` (default: the first element)."""
+    out = t.clone()
+    for index in at or [(0,) * t.dim()]:
+        out[index] = value
+    return out

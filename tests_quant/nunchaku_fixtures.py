@@ -81,7 +81,12 @@ def nunchaku_metadata(num_blocks=NUM_BLOCKS, weight_dtype="int4", group_size=GRO
 
 def json_u8(d: dict) -> torch.Tensor:
     """A ``comfy_quant`` entry: UTF-8 JSON bytes as a uint8 tensor (written here, not by the library)."""
-    return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
+    return text_u8(json.dumps(d))
+
+
+def text_u8(text: str) -> torch.Tensor:
+    """Any text as a ``comfy_quant``-style uint8 tensor (for malformed entries)."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
 
 
 def w4a4_config(act_unsigned):

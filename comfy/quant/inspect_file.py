@@ -1,18 +1,21 @@
-"""Read an int4 checkpoint's header (no model, no tensor data beyond the small JSON entries) and report.
+"""Read an int4 checkpoint without building a model and report.
 
 For each quantized layer: format, logical shape, rank, act_unsigned, bytes; totals; and every
-validation problem the loader would raise, collected instead of raised.
+validation problem the loader would raise, collected instead of raised (one per layer, the first).
+Read from the file: the header, the small JSON entries, and each quantized layer's float side tensors
+and bias (their values go through the format's own ``check_values`` / ``check_finite``); never the
+packed int4 weights. A Nunchaku file gets the converter's checks, values included.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
-import safetensors
 import torch
 
-from comfy.quant import formats, nunchaku
+from comfy.quant import formats, metadata as meta_json, nunchaku
 from comfy.quant.errors import QuantizedLayerError
+from comfy.quant.formats.base import check_finite
+from comfy.quant.safetensors_stream import open_checked
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -59,24 +62,22 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def inspect_checkpoint(path) -> Report:
+    """The report of the safetensors file ``path``; ``UnreadableFileError`` when it cannot be read."""
     report = Report(str(path))
-    with safetensors.safe_open(str(path), framework="pt") as f:
+    with open_checked(path) as f:
         keys = list(f.keys())
         metadata = f.metadata() or {}
         if nunchaku.is_nunchaku_checkpoint(keys, metadata):
-            return _inspect_nunchaku(report, keys, metadata, lambda k: tuple(f.get_slice(k).get_shape()))
-        confs = {k[: -len(".comfy_quant")]: f.get_tensor(k) for k in keys if k.endswith(".comfy_quant")}
-        header = metadata.get("_quantization_metadata")
-        if header:
-            try:
-                for layer, conf in json.loads(header)["layers"].items():
-                    confs.setdefault(layer, json.dumps(conf))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                report.problems.append(f"file metadata _quantization_metadata: unreadable ({e})")
-        metas = {k: _meta_tensor(f, k) for k in keys if not k.endswith(".comfy_quant")}
-    claimed = set()
-    for layer, raw in sorted(confs.items()):
-        claimed.update(_inspect_layer(report, layer, raw, metas))
+            return _inspect_nunchaku(report, keys, metadata, lambda k: tuple(f.get_slice(k).get_shape()),
+                                     f.get_tensor)
+        metas = {k: _meta_tensor(f, k) for k in keys}
+        confs = {k[: -len(".comfy_quant")]: _small_tensor(f, k, metas[k]) for k in keys if k.endswith(".comfy_quant")}
+        for layer, conf in _header_layers(report, metadata).items():
+            confs.setdefault(layer, conf)
+        metas = {k: t for k, t in metas.items() if not k.endswith(".comfy_quant")}
+        claimed = set()
+        for layer, raw in sorted(confs.items()):
+            claimed.update(_inspect_layer(report, layer, raw, metas, f.get_tensor))
     for key, t in metas.items():
         if key not in claimed:
             report.float_tensors += 1
@@ -84,7 +85,30 @@ def inspect_checkpoint(path) -> Report:
     return report
 
 
-def _inspect_layer(report: Report, layer: str, raw, metas) -> set[str]:
+def _small_tensor(f, key, meta: torch.Tensor) -> torch.Tensor:
+    """The tensor ``key`` when it could be a layer's JSON; else its meta stand-in (the size is refused)."""
+    return f.get_tensor(key) if meta.numel() <= meta_json.LAYER_JSON_BYTES else meta
+
+
+def _header_layers(report: Report, metadata: dict) -> dict:
+    """``{layer: JSON}`` of the ``_quantization_metadata`` header; its problems go to the report."""
+    raw = metadata.get("_quantization_metadata")
+    if not raw:
+        return {}
+    try:
+        layers = meta_json.parse_object(raw, "_quantization_metadata").get("layers")
+    except ValueError as e:
+        report.problems.append(str(e))
+        return {}
+    if not isinstance(layers, dict):
+        report.problems.append(f"metadata '_quantization_metadata': expected a 'layers' object, "
+                               f"got {str(layers)[:80]}")
+        return {}
+    return layers
+
+
+def _inspect_layer(report: Report, layer: str, raw, metas, read) -> set[str]:
+    """One layer's row and its first problem; ``read(key)`` reads a tensor (only side tensors and bias)."""
     prefix = layer + "."
     own = {k for k in metas if k.startswith(prefix) and "." not in k[len(prefix):]}
     info = LayerInfo(layer, "?", nbytes=sum(_nbytes(metas[k]) for k in own))
@@ -92,24 +116,28 @@ def _inspect_layer(report: Report, layer: str, raw, metas) -> set[str]:
     try:
         fmt, conf = formats.resolve(raw, layer)
         info.format = fmt.name
-        tensors, _ = fmt.find_tensors(metas, prefix, layer)
+        tensors, keys = fmt.find_tensors(metas, prefix, layer)
         n, k_half = tensors["weight"].shape if tensors["weight"].dim() == 2 else (None, None)
         if n is None:
             raise QuantizedLayerError(layer, "weight", "a 2-D packed tensor", tuple(tensors["weight"].shape))
         info.out_features, info.in_features = n, 2 * k_half
-        fmt.validate(layer, tensors, n, 2 * k_half, conf)
-        bias = metas.get(prefix + "bias")
-        if bias is not None and tuple(bias.shape) != (n,):
-            raise QuantizedLayerError(layer, "bias", f"shape {(n,)}", tuple(bias.shape))
         info.act_unsigned = conf.get("act_unsigned")
         if "weight_proj_down" in tensors:
             info.rank = tensors["weight_proj_down"].shape[-1]
+        fmt.validate(layer, tensors, n, 2 * k_half, conf)  # shapes and dtypes, on meta tensors
+        side = {slot.key: read(key) for slot, key in zip(fmt.slots, keys) if not slot.packed}
+        report.notes.extend(f"quantized layer '{layer}': {w}" for w in fmt.check_values(layer, side))
+        bias = metas.get(prefix + "bias")
+        if bias is not None:
+            if tuple(bias.shape) != (n,):
+                raise QuantizedLayerError(layer, "bias", f"shape {(n,)}", tuple(bias.shape))
+            check_finite(layer, "bias", read(prefix + "bias"))
     except ValueError as e:
         report.problems.append(str(e))
     return own
 
 
-def _inspect_nunchaku(report: Report, keys, metadata, shape_of) -> Report:
+def _inspect_nunchaku(report: Report, keys, metadata, shape_of, read) -> Report:
     report.kind = "nunchaku"
     report.notes.append(f"Nunchaku checkpoint ({metadata.get('model_class', 'model class not given')}); "
                         "load_diffusion_model converts it while loading, or run convert-nunchaku")
@@ -119,6 +147,9 @@ def _inspect_nunchaku(report: Report, keys, metadata, shape_of) -> Report:
         counts = nunchaku.check_convertible(keys, metadata, shape_of)
         report.notes.append(f"modules: {counts.get('w4a4', 0)} W4A4, {counts.get('awq', 0)} AWQ, "
                             f"{counts.get('float', 0)} float tensors")
+        problems, warnings = nunchaku.value_problems(keys, metadata, shape_of, read)
+        report.problems.extend(problems)
+        report.notes.extend(warnings)
     except ValueError as e:
         report.problems.append(str(e))
     return report

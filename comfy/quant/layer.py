@@ -21,7 +21,7 @@ import torch
 from comfy.quant import formats, kitchen
 from comfy.quant.deltas import as_parameter, output_terms
 from comfy.quant.errors import QuantizedLayerError
-from comfy.quant.formats.base import FLOAT_DTYPES
+from comfy.quant.formats.base import FLOAT_DTYPES, check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def load_linear(module, state_dict, prefix, missing_keys) -> bool:
 
 
 def checked_bias(module, bias, layer):
-    """``bias`` after the checks a linear's bias must pass (None when absent)."""
+    """``bias`` after the checks a linear's bias must pass: shape, float dtype, finite values
+    (``QuantizedLayerError`` otherwise); None when absent."""
     if bias is None:
         return None
     if module.bias is None:
@@ -78,6 +79,7 @@ def checked_bias(module, bias, layer):
         raise QuantizedLayerError(layer, "bias", f"shape {(module.out_features,)}", tuple(bias.shape))
     if bias.dtype not in FLOAT_DTYPES:
         raise QuantizedLayerError(layer, "bias", f"a float dtype {FLOAT_DTYPES}", bias.dtype)
+    check_finite(layer, "bias", bias)
     return bias
 
 

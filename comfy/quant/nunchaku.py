@@ -22,6 +22,14 @@ The pure unpack functions (one per tensor kind) live in ``nunchaku_layout`` and 
 :func:`convert_nunchaku_state_dict` (in memory, consumes its input) and :func:`convert_nunchaku_file`
 (streams module by module from ``safe_open`` into a safetensors file). Both converters share the
 per-module code below. Only Qwen-Image / Qwen-Image-Edit int4 checkpoints are supported so far.
+
+What is checked: the metadata JSON (``config``, ``quantization_config``) parses within the bounds of
+``comfy.quant.metadata`` and its numbers are integers; every Nunchaku tensor belongs to a module with
+its ``qweight`` and each module has all its tensors; shapes and dtypes; and the values of the float
+tensors (``wscales``, ``wzeros``, ``smooth_factor``, ``proj_down``, ``proj_up``, ``bias``) by the target
+format's own rules (``QuantFormat.check_values``: finite, ``smooth_factor`` non-zero, zero ``wscales``
+accepted). ``smooth_factor_orig`` only feeds a warning and is not value-checked. Any failure is a
+``NunchakuConversionError`` (or ``MetadataError``) naming module, tensor, expectation and what came.
 """
 from __future__ import annotations
 
@@ -35,7 +43,9 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from comfy.quant.errors import QuantFileError
+from comfy.quant import formats
+from comfy.quant.errors import MetadataError, QuantFileError, QuantizedLayerError
+from comfy.quant.metadata import parse_json, parse_object
 from comfy.quant.nunchaku_layout import (  # noqa: F401  (re-exported: the converter's public API)
     awq_deinterleave,
     awq_zeros_to_kitchen,
@@ -50,9 +60,10 @@ from comfy.quant.nunchaku_layout import (  # noqa: F401  (re-exported: the conve
     unpack_w4a4_qweight_packed,
     unpack_w4a4_wscales,
 )
-from comfy.quant.formats.base import encode_config, quantization_header
+from comfy.quant.formats.base import (check_finite, check_slot_values, encode_config, is_int, nonfinite_summary,
+                                     quantization_header)
 from comfy.quant.packing import pack_int4
-from comfy.quant.safetensors_stream import entry_bound, check_output, streaming_file
+from comfy.quant.safetensors_stream import check_output, entry_bound, open_checked, streaming_file
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +85,7 @@ __all__ = [
     "unfold_modulation_scale_bias",
     "is_nunchaku_checkpoint",
     "check_convertible",
+    "value_problems",
     "convert_nunchaku_state_dict",
     "convert_nunchaku_file",
 ]
@@ -102,17 +114,15 @@ _NUNCHAKU_KEY_SUFFIXES = (".qweight", ".wscales", ".wzeros", ".smooth_factor", "
 
 
 def _parse_json_meta(metadata: Mapping | None, key: str, strict: bool):
+    """Metadata entry ``key`` parsed (bounded): strict, a JSON object or ``MetadataError``; else any JSON
+    value, or None when it does not parse."""
     if not metadata or key not in metadata or metadata[key] is None:
         return None
-    value = metadata[key]
-    if isinstance(value, (dict, list)):
-        return value
+    if strict:
+        return parse_object(metadata[key], key)
     try:
-        return json.loads(value)
-    except (TypeError, ValueError) as e:
-        if strict:
-            raise NunchakuConversionError(
-                f"Nunchaku checkpoint: metadata '{key}' must be JSON, got {str(value)[:200]!r} ({e})") from e
+        return parse_json(metadata[key], key)
+    except MetadataError:
         return None
 
 
@@ -162,6 +172,9 @@ _AWQ_SUFFIXES = ("qweight", "wscales", "wzeros", "bias")
 _LEGACY_ALIASES = {"smooth": "smooth_factor", "smooth_orig": "smooth_factor_orig",
                    "lora_down": "proj_down", "lora_up": "proj_up"}
 _NVFP4_SUFFIXES = (".wcscales", ".wtscale")
+# tensors only a quantized module has: one without its module's qweight is an incomplete module
+_SIDE_SUFFIXES = frozenset({"wscales", "wzeros", "smooth_factor", "smooth_factor_orig", "proj_down", "proj_up",
+                            *_LEGACY_ALIASES})
 
 
 
@@ -216,9 +229,9 @@ def _check_precision(keys: list[str], qconfig: dict | None) -> None:
         raise NunchakuConversionError(
             f"Nunchaku checkpoint: quantization_config weight dtype: expected 'int4', got '{wdtype}'")
     gs = weight.get("group_size") if isinstance(weight, dict) else None
-    if gs is not None and int(gs) != W4A4_GROUP_SIZE:
+    if gs is not None and (not is_int(gs) or gs != W4A4_GROUP_SIZE):
         raise NunchakuConversionError(
-            f"Nunchaku checkpoint: quantization_config weight group_size: expected {W4A4_GROUP_SIZE}, got {gs}")
+            f"Nunchaku checkpoint: quantization_config weight group_size: expected {W4A4_GROUP_SIZE}, got {gs!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,11 +259,19 @@ class _Plan:
     qconfig: dict | None
 
 
+def _config_int(config: dict, name: str) -> int | None:
+    """A positive integer field of the ``config`` metadata, None when absent, else ``MetadataError``."""
+    value = config.get(name)
+    if value is not None and (not is_int(value) or value <= 0):
+        raise MetadataError("config", f"'{name}' a positive integer", repr(value)[:80])
+    return value
+
+
 def _inner_dim(config: dict | None, shape_of: Callable[[str], tuple], keys: set) -> int | None:
     if isinstance(config, dict):
-        heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
+        heads, head_dim = _config_int(config, "num_attention_heads"), _config_int(config, "attention_head_dim")
         if heads and head_dim:
-            return int(heads) * int(head_dim)
+            return heads * head_dim
     if "img_in.weight" in keys:
         dim = int(shape_of("img_in.weight")[0])
         logger.warning("Nunchaku checkpoint has no usable 'config' metadata; inner dim %d taken from img_in.weight", dim)
@@ -281,6 +302,8 @@ def _build_plan(keys: Iterable[str], metadata: Mapping | None, shape_of: Callabl
             if canon in unit.keys:
                 raise _err(mod, suffix, "one tensor per kind", f"both '{unit.keys[canon]}' and '{key}'")
             unit.keys[canon] = key
+        elif suffix in _SIDE_SUFFIXES:
+            raise _err(mod, "qweight", f"present (the module has '{suffix}')", "missing")
         else:
             units.append(_Unit(kind="float", name=key, keys={"": key}))
 
@@ -338,6 +361,28 @@ def check_convertible(keys: Iterable[str], metadata: Mapping | None, shape_of: C
     return counts
 
 
+def value_problems(keys: Iterable[str], metadata: Mapping | None, shape_of: Callable[[str], tuple],
+                   read: Callable[[str], torch.Tensor]) -> tuple[list[str], list[str]]:
+    """The converter's value checks on every quantized module's float tensors, read with ``read(key)``
+    (never ``qweight``): ``(problems, warnings)`` as text, one problem per module at most. Raises what
+    ``check_convertible`` raises."""
+    plan = _build_plan(keys, metadata, shape_of)
+    problems, warnings = [], []
+    for unit in plan.units:
+        if unit.kind == "float":
+            continue
+        checked = (*_VALUE_SLOTS[unit.kind][1], "bias")
+        tensors = {canon: read(key) for canon, key in unit.keys.items() if canon in checked}
+        if unit.kind == "awq":  # the padded group rows are dropped by the conversion: not checked
+            groups = tuple(shape_of(unit.keys["qweight"]))[-1] * 2 // AWQ_GROUP_SIZE
+            tensors.update({n: tensors[n][:groups] for n in ("wscales", "wzeros") if tensors[n].dim() == 2})
+        try:
+            warnings.extend(f"Nunchaku module '{unit.name}': {w}" for w in _check_values(unit, tensors))
+        except NunchakuConversionError as e:
+            problems.append(str(e))
+    return problems, warnings
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-module conversion
 # ----------------------------------------------------------------------------------------------
@@ -350,6 +395,35 @@ def _expect_shape(module: str, name: str, t: torch.Tensor, shape: tuple) -> None
 def _expect_float(module: str, name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point() or t.element_size() < 2:
         raise _err(module, name, "a bf16/fp16/fp32 tensor", f"dtype {t.dtype}")
+
+
+# Nunchaku tensor -> the slot of the target format whose value rules apply to it
+_VALUE_SLOTS = {
+    "w4a4": ("svdquant_w4a4", {"wscales": "weight_scale", "smooth_factor": "weight_smooth_factor",
+                               "proj_down": "weight_proj_down", "proj_up": "weight_proj_up"}),
+    "awq": ("awq_w4a16", {"wscales": "weight_scale", "wzeros": "weight_zeros"}),
+}
+
+
+def _check_values(unit: _Unit, t: dict) -> list[str]:
+    """The target format's value rules (``QuantFormat.check_values``' per-slot rules) on a module's stored
+    tensors, plus a finite bias: ``NunchakuConversionError`` on a refused value; the warnings as text."""
+    fmt_name, slots = _VALUE_SLOTS[unit.kind]
+    fmt = formats.get_format(fmt_name)
+    warnings = []
+    try:
+        for name, key in slots.items():
+            if name in t:
+                warning = check_slot_values(fmt.slot(key), unit.name, t[name], name)
+                if warning is not None:
+                    warnings.append(warning)
+        if "bias" in t:
+            check_finite(unit.name, "bias", t["bias"])
+    except QuantizedLayerError as e:
+        raise _err(unit.name, e.tensor, e.expected, e.got) from None
+    for warning in warnings:
+        logger.info("Nunchaku module '%s': %s", unit.name, warning)
+    return warnings
 
 
 def _convert_w4a4(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
@@ -382,6 +456,7 @@ def _convert_w4a4(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
                 "this layer's smoothing upstream (into the V rows of the qkv projection). The converted model runs "
                 "as Nunchaku does, but an external LoRA on '%s' (or on attn.to_v) is off by diag(smooth_factor_orig).",
                 mod, mod)
+    _check_values(unit, t)
 
     w_packed = unpack_w4a4_qweight_packed(qweight)
     scales = unpack_w4a4_wscales(wscales)
@@ -447,12 +522,16 @@ def _convert_awq(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
             logger.warning("Nunchaku AWQ layer '%s': padded group rows %d..%d of wscales/wzeros are not zero; "
                            "dropping them anyway (K=%d gives %d groups)", mod, groups, wscales.shape[0] - 1, k, groups)
         wscales, wzeros = wscales[:groups], wzeros[:groups]
+    _check_values(unit, {"wscales": wscales, "wzeros": wzeros, "bias": bias})
 
     codes = awq_deinterleave(unpack_awq_qweight(qweight), s, dim=0)
     weight = pack_int4(codes)
     del codes
     scales = awq_deinterleave(wscales, s, dim=1)
     zeros = awq_zeros_to_kitchen(awq_deinterleave(wzeros, s, dim=1), scales, dtype=wzeros.dtype)
+    overflow = nonfinite_summary(zeros)  # finite inputs, but wzeros + 8·wscales can overflow fp16
+    if overflow is not None:
+        raise _err(mod, "wzeros", f"finite kitchen zero points wzeros + 8·wscales in {wzeros.dtype}", overflow)
     bias_n = unfold_modulation_scale_bias(awq_deinterleave(bias, s, dim=0), s, unit.scale_slots)
     jcfg = {"format": "awq_w4a16", "group_size": AWQ_GROUP_SIZE}
     name = unit.out_names[0]
@@ -488,7 +567,8 @@ def _progress(total: int, enabled: bool, desc: str):
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a declared dependency
         return None
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="module")
+    # enabled: shown on a terminal only (disable=None), so logs and pipes get no bar around an error line
+    return tqdm(total=total, disable=None if enabled else True, desc=desc, unit="module")
 
 
 def _log_summary(plan: _Plan, layers: dict) -> None:
@@ -550,47 +630,70 @@ def _header_bound(plan: _Plan, get_shape: Callable[[str], tuple], metadata_sizes
     return total
 
 
-def convert_nunchaku_file(in_path: str, out_path: str, progress: bool = True) -> dict:
+def _not_nunchaku(in_path, keys: list[str], metadata: Mapping) -> NunchakuConversionError:
+    """The refusal of a file that is no Nunchaku checkpoint, saying what it is instead."""
+    native = sum(k.endswith(".comfy_quant") for k in keys)
+    if native or "_quantization_metadata" in metadata:
+        got = f"a ComfyUI-native int4 checkpoint ({native} layers with comfy_quant)"
+        why = "already converted: load it as it is"
+    else:
+        got = "no Nunchaku tensors (.qweight, .wscales, ...) or metadata (model_class, quantization_config)"
+        why = "not a Nunchaku checkpoint (a float model?)"
+    return NunchakuConversionError(f"convert_nunchaku_file: {why}; expected a Nunchaku SVDQuant checkpoint, got {got}",
+                                   file=in_path, expected="a Nunchaku SVDQuant checkpoint", got=got)
+
+
+def convert_nunchaku_file(in_path: str, out_path: str, progress: bool = True, overwrite: bool = False) -> dict:
     """Convert a Nunchaku ``.safetensors`` file to ComfyUI's native int4 layout on disk.
 
     Reads module by module through ``safe_open`` and writes each converted tensor straight to
     ``out_path`` (via ``<out_path>.partial``, renamed at the end), so memory holds one module at a
-    time. Returns the output file's metadata.
+    time; on any failure nothing is left at ``out_path``. Refused before any work: an output that
+    ``check_output`` refuses (an existing file unless ``overwrite``), an unreadable input
+    (``UnreadableFileError``) and a file that is no Nunchaku checkpoint. Errors about the input name
+    ``in_path``. Returns the output file's metadata.
     """
-    from safetensors import safe_open
-
-    check_output(in_path, out_path, "convert_nunchaku_file", overwrite=True)
-    with safe_open(in_path, framework="pt", device="cpu") as f:
-        metadata = dict(f.metadata() or {})
-        keys = list(f.keys())
-        shapes = {}
-
-        def get_shape(key: str) -> tuple:
-            if key not in shapes:
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-            return shapes[key]
-
-        plan = _build_plan(keys, metadata, get_shape)
-        # the output repeats model_class / quantization_config (escaped, inside converted_from) once more
-        meta_size = 3 * sum(len(json.dumps(k)) + len(json.dumps(v)) + 8 for k, v in metadata.items())
-        layers: dict = {}
-        bar = _progress(len(plan.units), progress, f"Converting {os.path.basename(in_path)}")
+    check_output(in_path, out_path, "convert_nunchaku_file", overwrite=overwrite)
+    with open_checked(in_path) as f:
         try:
-            with streaming_file(out_path, _header_bound(plan, get_shape, meta_size)) as writer:
-                for unit in plan.units:
-                    tensors = {canon: f.get_tensor(key) for canon, key in unit.keys.items()}
-                    out, lay = _convert_unit(unit, tensors, plan)
-                    del tensors
-                    for name, tensor in out:
-                        writer.add(name, tensor)
-                    del out
-                    layers.update(lay)
-                    if bar is not None:
-                        bar.update(1)
-                out_meta = _output_metadata(plan, layers)
-                writer.finish(out_meta)
-        finally:
-            if bar is not None:
-                bar.close()
+            return _convert_open_file(f, in_path, out_path, progress)
+        except QuantFileError as e:
+            raise e.with_file(in_path)
+
+
+def _convert_open_file(f, in_path: str, out_path: str, progress: bool) -> dict:
+    metadata = dict(f.metadata() or {})
+    keys = list(f.keys())
+    if not is_nunchaku_checkpoint(keys, metadata):
+        raise _not_nunchaku(in_path, keys, metadata)
+    shapes = {}
+
+    def get_shape(key: str) -> tuple:
+        if key not in shapes:
+            shapes[key] = tuple(f.get_slice(key).get_shape())
+        return shapes[key]
+
+    plan = _build_plan(keys, metadata, get_shape)
+    # the output repeats model_class / quantization_config (escaped, inside converted_from) once more
+    meta_size = 3 * sum(len(json.dumps(k)) + len(json.dumps(v)) + 8 for k, v in metadata.items())
+    layers: dict = {}
+    bar = _progress(len(plan.units), progress, f"Converting {os.path.basename(in_path)}")
+    try:
+        with streaming_file(out_path, _header_bound(plan, get_shape, meta_size)) as writer:
+            for unit in plan.units:
+                tensors = {canon: f.get_tensor(key) for canon, key in unit.keys.items()}
+                out, lay = _convert_unit(unit, tensors, plan)
+                del tensors
+                for name, tensor in out:
+                    writer.add(name, tensor)
+                del out
+                layers.update(lay)
+                if bar is not None:
+                    bar.update(1)
+            out_meta = _output_metadata(plan, layers)
+            writer.finish(out_meta)
+    finally:
+        if bar is not None:
+            bar.close()
     _log_summary(plan, layers)
     return out_meta

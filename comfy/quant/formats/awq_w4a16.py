@@ -9,7 +9,7 @@ from __future__ import annotations
 from comfy.quant import deltas as D
 from comfy.quant import kernels, kitchen
 from comfy.quant.errors import QuantizedLayerError
-from comfy.quant.formats.base import QuantFormat, TensorSlot
+from comfy.quant.formats.base import ZERO_WARNED, QuantFormat, TensorSlot, is_int
 
 DEFAULT_GROUP_SIZE = 64
 
@@ -19,13 +19,13 @@ class AWQW4A16(QuantFormat):
     layout = kitchen.AWQ_LAYOUT
     slots = (
         TensorSlot("weight", packed=True),
-        TensorSlot("weight_scale"),
-        TensorSlot("weight_zeros", ("weight_zero",)),
+        TensorSlot("weight_scale", zero=ZERO_WARNED),
+        TensorSlot("weight_zeros", ("weight_zero",)),  # any finite value (0 is ordinary)
     )
 
     def parse_config(self, conf: dict, layer: str) -> dict:
         group = conf.get("group_size", DEFAULT_GROUP_SIZE)
-        if not isinstance(group, int) or isinstance(group, bool) or group <= 0 or group % 2:
+        if not is_int(group) or group <= 0 or group % 2:
             raise QuantizedLayerError(layer, "comfy_quant.group_size", "a positive even integer", repr(group))
         return {"format": self.name, "group_size": group}
 

@@ -2,19 +2,36 @@
 
 A format is a stateless object registered by name (``comfy.quant.formats``). Host code (ops, the
 model patcher, the inspector) asks the format instead of branching on format names.
+
+Values checked at load (``QuantFormat.check_values``, run by ``validate``; the inspector and the Nunchaku
+converter call the same check). Every float side tensor must be finite: a NaN or Inf in a scale, zero
+point, smoothing factor or low-rank factor reaches every output the layer computes. Zero is a per-slot
+rule (``TensorSlot.zero``):
+
+* ``ZERO_REFUSED`` (``weight_smooth_factor``): the input is divided by it, so a zero makes Inf/NaN.
+* ``ZERO_WARNED`` (``weight_scale``): a zero scale encodes a constant weight group exactly (SVDQuant: all
+  zero; AWQ: its zero point) and nothing divides by it, so it is accepted; a load logs one warning per
+  layer with the count (rare in a real quantizer's output, so worth a word).
+* ``ZERO_ALLOWED`` (``weight_zeros``): an ordinary value.
+
+A non-finite bias is refused as well (``layer.checked_bias``, the same ``check_finite``).
 """
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from comfy.quant import kitchen
-from comfy.quant.errors import QuantizedLayerError
+from comfy.quant import kitchen, metadata
+from comfy.quant.errors import MetadataError, QuantizedLayerError
+
+logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ZERO_ALLOWED, ZERO_WARNED, ZERO_REFUSED = "allowed", "warned", "refused"
 
 
 @dataclass(frozen=True)
@@ -24,10 +41,75 @@ class TensorSlot:
     key: str                        # canonical key, written on save
     aliases: tuple[str, ...] = ()   # other spellings accepted on load
     packed: bool = False            # int8 packed codes (kept as stored) vs float side tensor (cast)
+    zero: str = ZERO_ALLOWED        # float side tensors: is 0 an allowed, warned-about or refused value
+
+    def __post_init__(self):
+        if self.zero not in (ZERO_ALLOWED, ZERO_WARNED, ZERO_REFUSED):
+            raise ValueError(f"TensorSlot '{self.key}': zero must be one of allowed/warned/refused, got {self.zero!r}")
 
     @property
     def spellings(self) -> tuple[str, ...]:
         return (self.key, *self.aliases)
+
+
+def is_int(value) -> bool:
+    """A JSON integer (``true``/``false`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN/Inf. Fast path: a sum is non-finite whenever an element is (NaN and Inf
+    propagate), and on the CPU it costs a small fraction of ``isfinite`` on bf16; a finite tensor whose
+    sum overflows gets the exact test."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _zero_count(t: torch.Tensor) -> int:
+    """How many elements of the finite tensor ``t`` are zero (a one-signed tensor needs no count)."""
+    if not t.numel():
+        return 0
+    lo, hi = torch.aminmax(t)
+    if lo > 0 or hi < 0:
+        return 0
+    return int((t == 0).sum())
+
+
+def nonfinite_summary(t: torch.Tensor) -> str | None:
+    """``"3 NaN, 1 Inf (first at index (2, 5))"`` for a float tensor holding NaN/Inf, else None."""
+    if not t.is_floating_point() or t.is_meta or _all_finite(t):
+        return None
+    bad = ~torch.isfinite(t)
+    nan = int(torch.isnan(t).sum())
+    inf = int(bad.sum()) - nan
+    counts = ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n)
+    return f"{counts} (first at index {tuple(int(i) for i in bad.nonzero()[0])})"
+
+
+def check_finite(layer: str, tensor: str, t: torch.Tensor) -> None:
+    """``QuantizedLayerError`` naming ``layer`` and ``tensor`` when ``t`` holds NaN or Inf."""
+    got = nonfinite_summary(t)
+    if got is not None:
+        raise QuantizedLayerError(layer, tensor, "finite values", got)
+
+
+def check_slot_values(slot: TensorSlot, layer: str, t: torch.Tensor, name: str | None = None) -> str | None:
+    """Apply ``slot``'s value rules to ``t`` (reported as ``name``, default the slot's key): raise
+    ``QuantizedLayerError`` on a refused value, return a warning ("<name>: ...") on a value accepted with
+    a word, else None. A meta tensor (no values) passes."""
+    name = name or slot.key
+    if slot.packed or t.is_meta:
+        return None
+    check_finite(layer, name, t)
+    if slot.zero == ZERO_ALLOWED:
+        return None
+    zeros = _zero_count(t)
+    if not zeros:
+        return None
+    if slot.zero == ZERO_REFUSED:
+        first = tuple(int(i) for i in (t == 0).nonzero()[0])
+        raise QuantizedLayerError(layer, name, "non-zero values (the layer divides by them)",
+                                  f"{zeros} zero(s) (first at index {first})")
+    return f"{name}: {zeros} of {t.numel()} values are zero (accepted: the int4 codes of those groups do not count)"
 
 
 class QuantFormat:
@@ -86,8 +168,25 @@ class QuantFormat:
         """Input channels per quantization group; ``in_features`` must be a multiple of it."""
         return conf.get("group_size", self.default_group_size)
 
+    def slot(self, key: str) -> TensorSlot:
+        """The slot whose canonical key is ``key``."""
+        return next(s for s in self.slots if s.key == key)
+
+    def check_values(self, layer: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Every slot's value rules (module docstring) on the slots present in ``tensors``: raises
+        ``QuantizedLayerError`` on the first refused value, returns the warnings ("<slot>: ...") to give."""
+        warnings = []
+        for slot in self.slots:
+            if slot.key in tensors:
+                warning = check_slot_values(slot, layer, tensors[slot.key])
+                if warning is not None:
+                    warnings.append(warning)
+        return warnings
+
     def validate(self, layer: str, tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
-                 conf: dict) -> None:
+                 conf: dict) -> list[str]:
+        """Dtypes, shapes, then values (``check_values``; meta tensors carry none): raises
+        ``QuantizedLayerError`` on the first problem, returns the value warnings."""
         group = self.input_group_size(conf)
         if in_features % group:
             raise QuantizedLayerError(layer, "weight", f"in_features a multiple of the group size {group}",
@@ -102,6 +201,7 @@ class QuantFormat:
         for key, shape in self.expected_shapes(out_features, in_features, conf, tensors).items():
             if tuple(tensors[key].shape) != tuple(shape):
                 raise QuantizedLayerError(layer, key, f"shape {tuple(shape)}", tuple(tensors[key].shape))
+        return self.check_values(layer, tensors)
 
     def layout_params(self, side: dict[str, torch.Tensor], conf: dict) -> dict:
         """Format-specific fields of the kitchen layout's ``Params`` from the cast side tensors."""
@@ -124,7 +224,8 @@ class QuantFormat:
             raise ValueError(f"quantized layer '{layer}': format '{self.name}' is unavailable: "
                              f"{kitchen.missing_layout_reason(self.layout)}")
         tensors, keys = self.find_tensors(state_dict, prefix, layer)
-        self.validate(layer, tensors, out_features, in_features, conf)
+        for warning in self.validate(layer, tensors, out_features, in_features, conf):
+            logger.warning("quantized layer '%s': %s", layer, warning)
         qt = self.build(tensors, conf, out_features, in_features, compute_dtype, device)
         for k in keys:  # consumed only once the layer is known good
             state_dict.pop(k)
@@ -177,16 +278,23 @@ def quantization_header(layers: dict[str, dict]) -> str:
     return json.dumps({"format_version": "1.0", "layers": layers})
 
 
+def _tensor_bytes(raw: torch.Tensor, layer: str) -> bytes:
+    """A ``comfy_quant`` tensor's bytes; its size is checked before any data is read (it may be meta)."""
+    if raw.numel() > metadata.LAYER_JSON_BYTES:
+        raise QuantizedLayerError(layer, "comfy_quant", f"at most {metadata.LAYER_JSON_BYTES} bytes of JSON",
+                                  f"{raw.numel()} bytes")
+    return raw.detach().to("cpu", torch.uint8).flatten().numpy().tobytes()
+
+
 def decode_config(raw, layer: str) -> dict:
-    """The layer JSON from a ``comfy_quant`` uint8 tensor (or bytes/str/dict)."""
+    """The layer JSON from a ``comfy_quant`` uint8 tensor (or bytes/str/dict), parsed with the bounds of
+    ``comfy.quant.metadata`` (size ``LAYER_JSON_BYTES``, nesting ``MAX_DEPTH``)."""
     try:
         if isinstance(raw, torch.Tensor):
-            raw = bytes(raw.to(torch.uint8).flatten().tolist())
-        if isinstance(raw, (bytes, bytearray)):
-            raw = raw.decode("utf-8")
-        conf = json.loads(raw) if isinstance(raw, str) else raw
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
-        raise QuantizedLayerError(layer, "comfy_quant", "UTF-8 JSON bytes", f"unreadable data ({e})") from None
+            raw = _tensor_bytes(raw, layer)
+        conf = metadata.parse_json(raw, "comfy_quant", layer=layer, max_bytes=metadata.LAYER_JSON_BYTES)
+    except MetadataError as e:
+        raise QuantizedLayerError(layer, "comfy_quant", e.expected, e.got) from None
     if not isinstance(conf, dict) or not isinstance(conf.get("format"), str):
         raise QuantizedLayerError(layer, "comfy_quant", 'a JSON object with a "format" string', repr(conf)[:200])
     return conf

@@ -15,7 +15,7 @@ import torch
 from comfy.quant import deltas as D
 from comfy.quant import kernels, kitchen
 from comfy.quant.errors import QuantizedLayerError
-from comfy.quant.formats.base import QuantFormat, TensorSlot
+from comfy.quant.formats.base import ZERO_REFUSED, ZERO_WARNED, QuantFormat, TensorSlot, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +33,18 @@ class SVDQuantW4A4(QuantFormat):
     layout = kitchen.SVDQUANT_LAYOUT
     slots = (
         TensorSlot("weight", packed=True),
-        TensorSlot("weight_scale"),
+        TensorSlot("weight_scale", zero=ZERO_WARNED),
         TensorSlot("weight_proj_down", ("proj_down",)),
         TensorSlot("weight_proj_up", ("proj_up",)),
-        TensorSlot("weight_smooth_factor", ("smooth_factor",)),
+        TensorSlot("weight_smooth_factor", ("smooth_factor",), zero=ZERO_REFUSED),  # x / smooth_factor
     )
 
     def parse_config(self, conf: dict, layer: str) -> dict:
         group = conf.get("group_size", GROUP_SIZE)
-        if group != GROUP_SIZE:
-            raise QuantizedLayerError(layer, "comfy_quant.group_size", GROUP_SIZE, group)
+        if not is_int(group) or group != GROUP_SIZE:
+            raise QuantizedLayerError(layer, "comfy_quant.group_size", f"the integer {GROUP_SIZE}", repr(group))
         rank = conf.get("rank")
-        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
+        if rank is not None and (not is_int(rank) or rank < 0):
             raise QuantizedLayerError(layer, "comfy_quant.rank", "a non-negative integer", repr(rank))
         if "act_unsigned" in conf:
             act_unsigned = conf["act_unsigned"]
