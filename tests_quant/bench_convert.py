@@ -49,7 +49,7 @@ def main():
     comfy.utils.save_torch_file(stored, src, metadata=metadata)
     del stored
     mb, dt, rate = timed_mb_per_s(lambda: convert_nunchaku_file(src, os.path.join(work, "converted.safetensors"),
-                                                                 progress=False), src)
+                                                                 progress=False, overwrite=True), src)
     print(f"convert-nunchaku: {mb:.0f} MB in {dt:.2f}s = {rate:.0f} MB/s ({args.blocks} blocks at dim 3072; "
           f"x{60 / args.blocks:.0f} for the 60-block model)")
 
@@ -57,7 +57,7 @@ def main():
     bf16 = os.path.join(work, "bf16.safetensors")
     comfy.utils.save_torch_file(synthetic_state_dict(cfg), bf16)
     mb, dt, rate = timed_mb_per_s(lambda: quantize_file(bf16, os.path.join(work, "int4.safetensors"),
-                                                        QuantizeOptions(rank=32), progress=False), bf16)
+                                                        QuantizeOptions(rank=32), progress=False, overwrite=True), bf16)
     print(f"quantize (no calibration): {mb:.0f} MB in {dt:.2f}s = {rate:.0f} MB/s")
 
 

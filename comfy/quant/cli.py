@@ -3,33 +3,37 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from comfy.quant.errors import QuantFileError
+
+LORA_STRENGTH_MAX = 100.0  # LoraLoader's strength widget range is [-100, 100]
+EXIT_STATUS = ("exit status: 0 success; 1 inspect found problems, lora-check found keys that did not map or "
+               "patches that were refused, install-comfyui --check found it not current; 2 a usage or input error "
+               "(one line on stderr: error: <file>: <what>); 3 an internal error (a bug; one line); 130 interrupted. "
+               "-v shows the traceback of errors.")
 
 
 def _demo(args):
     from comfy.quant.demo import DemoConfig, run_demo
 
-    print(run_demo(args.workdir, DemoConfig(rank=args.rank, seed=args.seed), lora_path=args.lora,
-                   strength=args.strength))
+    package = logging.getLogger("comfy.quant")
+    level = package.level
+    package.setLevel(logging.INFO)  # each step announced as it starts, on stderr
+    try:
+        print(run_demo(args.workdir, DemoConfig(rank=args.rank, seed=args.seed), lora_path=args.lora,
+                       strength=args.strength))
+    finally:
+        package.setLevel(level)
 
 
 def _quantize(args):
-    import sys
-
-    import comfy.utils
     from comfy.quant.quantizer import QuantizeOptions, quantize_file
-    from comfy.quant.safetensors_stream import check_output
 
-    try:  # before any work, the calibration file included; quantize_file checks again for library callers
-        check_output(args.input, args.output, "quantize", overwrite=True)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    calibration = comfy.utils.load_torch_file(args.calibration) if args.calibration else None
+    # quantize_file refuses a bad output, input or calibration before any work, and leaves nothing on failure
     counts = quantize_file(args.input, args.output, QuantizeOptions(rank=args.rank, smooth_alpha=args.alpha),
-                           calibration=calibration)
+                           calibration=args.calibration, overwrite=args.force)
     print(f"wrote {args.output}: {counts}")
 
 
@@ -51,16 +55,17 @@ def _lora_check(args):
     width = max([len(r[0]) for r in rows] + [10])
     for prefix, target, how in rows:
         print(f"{prefix:{width}}  ->  {target}  [{how}]")
-    print(f"{len(rows)} LoRA modules map; {len(unmatched)} keys did not map")
+    rejected = sum(1 for row in rows if row[2].startswith("REJECTED"))
+    print(f"{len(rows)} LoRA modules map ({rejected} rejected); {len(unmatched)} keys did not map")
     for key in unmatched:
         print(f"  NOT MAPPED {key}")
-    return 1 if unmatched else 0
+    return 1 if unmatched or rejected else 0
 
 
 def _convert_nunchaku(args):
     from comfy.quant.nunchaku import convert_nunchaku_file
 
-    summary = convert_nunchaku_file(args.input, args.output)
+    summary = convert_nunchaku_file(args.input, args.output, overwrite=args.force)
     print(f"wrote {args.output}: {summary}")
 
 
@@ -93,9 +98,6 @@ def _bench(args):
     if not sections or set(sections) - set(SECTIONS):
         print(f"error: --only takes a comma list of {', '.join(SECTIONS)}; got {args.only!r}", file=sys.stderr)
         return 2
-    if args.iters is not None and args.iters < 1:
-        print(f"error: --iters must be at least 1, got {args.iters}", file=sys.stderr)
-        return 2
     outputs = [p for p in (args.markdown, args.json) if p]
     if len({os.path.realpath(p) for p in outputs}) < len(outputs):
         print("error: --markdown and --json name the same file", file=sys.stderr)
@@ -118,43 +120,93 @@ def _bench(args):
             json.dump(result, f, indent=1)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m comfy.quant", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; on an error, show its traceback")
-    sub = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``error: <what> (see <prog> --help)``), exit 2."""
 
-    p = sub.add_parser("demo", help="build, quantize, load and run a small Qwen-Image model, with a LoRA")
-    p.add_argument("--workdir", default="output/demo")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lora", help="a LoRA file to use instead of the built-in one")
-    p.add_argument("--strength", type=float, default=1.0)
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)``; options whose default is None say theirs in words."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _checked(kind, ok, expected: str):
+    """An argparse ``type`` converting with ``kind`` and refusing values ``ok`` rejects."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
+
+
+RANK = _checked(int, lambda v: v >= 0, "an integer >= 0")
+ALPHA = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+STRENGTH = _checked(float, lambda v: math.isfinite(v) and abs(v) <= LORA_STRENGTH_MAX,
+                    f"a finite number in [-{LORA_STRENGTH_MAX:g}, {LORA_STRENGTH_MAX:g}]")
+ITERS = _checked(int, lambda v: v >= 1, "an integer >= 1")
+
+
+def _command(sub, name: str, **kwargs):
+    return sub.add_parser(name, formatter_class=_Help, **kwargs)
+
+
+def _add_demo(sub):
+    p = _command(sub, "demo", help="build, quantize, load and run a small Qwen-Image model, with a LoRA")
+    p.add_argument("--workdir", default="output/demo", help="folder for the demo's model, int4 and LoRA files")
+    p.add_argument("--rank", type=RANK, default=32, help="low-rank branch rank of the int4 layers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic model and inputs")
+    p.add_argument("--lora", help="a LoRA file to use instead of the built-in one (default: a synthetic "
+                                  "LoRA on every block, written to the workdir)")
+    p.add_argument("--strength", type=STRENGTH, default=1.0, help="LoRA strength, as LoraLoader's (within ±100)")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("quantize", help="float Qwen-Image safetensors -> int4 checkpoint")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--alpha", type=float, default=0.5, help="smoothing migration strength (with calibration)")
-    p.add_argument("--calibration", help="safetensors of per-layer input absmax {module path: (K,)}")
+
+def _add_quantize(sub):
+    p = _command(sub, "quantize", help="float Qwen-Image safetensors -> int4 checkpoint")
+    p.add_argument("input", help="a float (bf16/fp16/fp32) ComfyUI Qwen-Image diffusion model .safetensors")
+    p.add_argument("output", help="the int4 .safetensors to write (refused if it exists, unless --force)")
+    p.add_argument("--rank", type=RANK, default=32, help="low-rank branch rank of the W4A4 layers (0: none)")
+    p.add_argument("--alpha", type=ALPHA, default=0.5, help="smoothing migration strength (with calibration)")
+    p.add_argument("--calibration", help="safetensors of per-layer input absmax {module path: (K,)} "
+                                         "(default: none; no smoothing)")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.set_defaults(func=_quantize)
 
-    p = sub.add_parser("inspect", help="per-layer table and validation problems, without loading a model")
-    p.add_argument("file")
+
+def _add_inspect_and_lora_check(sub):
+    p = _command(sub, "inspect", help="per-layer table and validation problems, without loading a model")
+    p.add_argument("file", help="a .safetensors file (int4, Nunchaku or float)")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("lora-check", help="how a LoRA's keys map onto a model and how each applies")
-    p.add_argument("model")
-    p.add_argument("lora")
+    p = _command(sub, "lora-check", help="how a LoRA's keys map onto a model and how each applies")
+    p.add_argument("model", help="a diffusion model .safetensors (int4, Nunchaku or float)")
+    p.add_argument("lora", help="a LoRA .safetensors")
     p.set_defaults(func=_lora_check)
 
-    p = sub.add_parser("convert-nunchaku", help="Nunchaku int4 file -> ComfyUI-native int4 file")
-    p.add_argument("input")
-    p.add_argument("output")
+
+def _add_convert_nunchaku(sub):
+    p = _command(sub, "convert-nunchaku", help="Nunchaku int4 file -> ComfyUI-native int4 file")
+    p.add_argument("input", help="a Nunchaku svdq-int4 Qwen-Image .safetensors")
+    p.add_argument("output", help="the ComfyUI-native int4 .safetensors to write (refused if it exists, unless "
+                                  "--force)")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
     p.set_defaults(func=_convert_nunchaku)
 
-    p = sub.add_parser(
-        "install-comfyui", help="install this package into a ComfyUI checkout (copy comfy/quant, apply the core patch)",
+
+def _add_install_comfyui(sub):
+    p = _command(
+        sub, "install-comfyui", help="install this package into a ComfyUI checkout (copy comfy/quant, apply the core patch)",
         description="Copy comfy/quant into PATH/comfy/quant and apply comfy/quant/upstream/comfyui.patch to PATH "
                     "with git apply, both or neither. Running it again is a no-op; refusals leave PATH unchanged. "
                     "Exit 0 on success, 2 on a refusal or error.")
@@ -167,28 +219,59 @@ def main(argv=None) -> int:
     p.add_argument("--patch", help="the patch to apply (default: comfy/quant/upstream/comfyui.patch of this package)")
     p.set_defaults(func=_install_comfyui)
 
-    p = sub.add_parser(
-        "bench", help="int4 linears and a Qwen-Image model vs bf16 and FP8 (full suite on CUDA, small on the CPU)",
+
+def _add_bench(sub):
+    p = _command(
+        sub, "bench", help="int4 linears and a Qwen-Image model vs bf16 and FP8 (full suite on CUDA, small on the CPU)",
         description="One run: AWQ W4A16 and SVDQuant W4A4 linears (project kernels, kitchen, bf16, FP8), a whole "
                     "Qwen-Image transformer int4 vs bf16 with and without a LoRA on every block linear, and LoRA "
                     "patch/strength/unpatch times. Prints a header and markdown tables.")
     p.add_argument("--small", action="store_true", help="the small suite (always on the CPU)")
     p.add_argument("--only", default=",".join(("awq", "w4a4", "model", "lora")),
-                   help="comma list of sections: awq, w4a4, model, lora (default: all)")
-    p.add_argument("--iters", type=int, help="repeat counts: graph replays / timed calls per linear, model forwards")
-    p.add_argument("--markdown", metavar="PATH", help="also write the report as a markdown section to PATH")
-    p.add_argument("--json", metavar="PATH", help="also write the raw rows as JSON to PATH")
+                   help="comma list of sections: awq, w4a4, model, lora")
+    p.add_argument("--iters", type=ITERS, help="repeat counts: graph replays / timed calls per linear, model "
+                                               "forwards (default: the suite's own, 20 and 5 on the full suite)")
+    p.add_argument("--markdown", metavar="PATH", help="also write the report as a markdown section to PATH "
+                                                      "(default: none)")
+    p.add_argument("--json", metavar="PATH", help="also write the raw rows as JSON to PATH (default: none)")
     p.set_defaults(func=_bench)
 
-    args = parser.parse_args(argv)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m comfy.quant", description="int4 (SVDQuant W4A4, AWQ W4A16) Qwen-Image tools.",
+                     epilog=EXIT_STATUS, formatter_class=_Help)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; on an error, show its traceback")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_quantize, _add_inspect_and_lora_check, _add_convert_nunchaku, _add_install_comfyui,
+                _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except (QuantFileError, OSError) as e:  # a user's input problem: one line; -v shows the traceback
         if args.verbose:
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: still one line, never a traceback without -v
+        if args.verbose:
+            raise
+        print(f"error: internal error: {type(e).__name__}: {' '.join(str(e).split())} (run with -v for the "
+              "traceback)", file=sys.stderr)
+        return 3
 
 
 def _one_line(e: Exception) -> str:

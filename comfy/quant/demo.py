@@ -122,31 +122,37 @@ def run_demo(workdir="output/demo", cfg=DemoConfig(), lora_path=None, strength=1
              f"({cfg.num_attention_heads}x{cfg.attention_head_dim}), text dim {cfg.joint_attention_dim}, "
              f"latent {cfg.latent_size}x{cfg.latent_size}, rank {cfg.rank}"]
 
+    logger.info("building a seeded bf16 Qwen-Image model (%d blocks) -> %s", cfg.num_layers, bf16_path)
     sd = synthetic_state_dict(cfg)
     comfy.utils.save_torch_file(sd, bf16_path)
     inputs = demo_inputs(cfg)
 
     # calibration: input absmax of every quantizable linear over a few seeded inputs
+    logger.info("calibrating: input absmax of every quantizable linear over 2 seeded inputs (fp32 model)")
     ref_model = QwenImageTransformer2DModel(**model_kwargs(cfg), operations=comfy.ops.disable_weight_init,
                                             dtype=torch.float32)
     ref_model.load_state_dict({k: v.float() for k, v in sd.items()})
     calib_inputs = [demo_inputs(cfg, seed=s) for s in (11, 12)]
     calibration = record_activation_stats(ref_model, lambda: [ref_model(*i) for i in calib_inputs])
 
+    logger.info("quantizing to int4 (rank %d) -> %s", cfg.rank, int4_path)
     t0 = time.perf_counter()
     counts = quantize_file(bf16_path, int4_path, QuantizeOptions(rank=cfg.rank), calibration=calibration,
-                           progress=False)
+                           overwrite=True)  # the demo's own files in its workdir
     t_quant = time.perf_counter() - t0
+    logger.info("validating the int4 file (inspect)")
     report = inspect_checkpoint(int4_path)
     if report.problems:
         raise RuntimeError(f"quantized file fails validation: {report.problems}")
 
+    logger.info("loading the int4 and the bf16 model with UNETLoader")
     loader = comfy.nodes.UNETLoader()
     t0 = time.perf_counter()
     int4 = loader.load_unet(int4_path)[0]
     t_load = time.perf_counter() - t0
     bf16 = loader.load_unet(bf16_path)[0]
 
+    logger.info("running the int4 model (twice: the second is timed) and the bf16 one on %s", int4.load_device)
     y_int4 = _run(int4, inputs)
     t0 = time.perf_counter()
     y_int4 = _run(int4, inputs)  # second call: timed without first-call setup
@@ -176,12 +182,14 @@ def _lora_section(workdir, sd, cfg, int4, bf16, inputs, y_int4, y_bf16, lora_pat
     if lora_path is None:
         lora_path = os.path.join(workdir, "qwen_image_demo_lora.safetensors")
         comfy.utils.save_torch_file(synthetic_lora(sd, cfg), lora_path)
+    logger.info("LoRA: loading %s at strength %s onto both models (LoraLoaderModelOnly)", lora_path, strength)
     node = comfy.nodes.LoraLoaderModelOnly()
     t0 = time.perf_counter()
     int4_lora = node.load_lora_model_only(int4, lora_path, strength)[0]
     t_attach = time.perf_counter() - t0
     bf16_lora = node.load_lora_model_only(bf16, lora_path, strength)[0]
 
+    logger.info("LoRA: patching, running and unpatching the int4 model; running the bf16 one")
     int4.unpatch_model(device_to=int4.load_device)  # so the timing below is the LoRA alone
     t0 = time.perf_counter()
     int4_lora.patch_model(device_to=int4.load_device)

@@ -76,6 +76,12 @@ class OutputFileError(QuantFileError):
     a directory, or a folder that does not exist."""
 
 
+class QuantizeInputError(QuantFileError):
+    """An input ``quantize`` cannot use, found before any work: not a Qwen-Image model, a Nunchaku or an
+    already-quantized file, linear weights that are not float or not shaped for int4, or a calibration
+    file that does not fit the model."""
+
+
 def _listed(keys, n: int = 6) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", … {len(keys) - n} more" if len(keys) > n else "")

@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 
 import torch
 
+from comfy.quant.errors import QuantFileError, QuantizeInputError
 from comfy.quant.formats import decode_config, encode_config, quantization_header
 from comfy.quant.formats.svdquant_w4a4 import GROUP_SIZE, UNSIGNED_SHIFT
 from comfy.quant.packing import pack_int4
-from comfy.quant.safetensors_stream import entry_bound, check_output, streaming_file
+from comfy.quant.safetensors_stream import check_output, entry_bound, open_checked, streaming_file
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ SVDQUANT_SINGLE = {"attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj", "im
                    "txt_mlp.net.0.proj", "txt_mlp.net.2"}
 UNSIGNED = {"img_mlp.net.2", "txt_mlp.net.2"}
 AWQ = {"img_mod.1", "txt_mod.1"}
+FLOAT_DTYPES = ("F16", "BF16", "F32")  # safetensors header dtypes of the weights quantize reads
+TO_Q = re.compile(r"^(.*?)transformer_blocks\.\d+\.attn\.to_q\.weight$")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,18 @@ class QuantizeOptions:
     awq_group_size: int = 64
     dtype: torch.dtype = torch.bfloat16
     seed: int = 0
+
+    def __post_init__(self):
+        if not _is_int(self.rank) or self.rank < 0:
+            raise ValueError(f"QuantizeOptions.rank: expected an integer >= 0, got {self.rank!r}")
+        if not 0 <= self.smooth_alpha <= 1:  # also refuses nan
+            raise ValueError(f"QuantizeOptions.smooth_alpha: expected a number in [0, 1], got {self.smooth_alpha!r}")
+        if not _is_int(self.awq_group_size) or self.awq_group_size < 1:
+            raise ValueError(f"QuantizeOptions.awq_group_size: expected an integer >= 1, got {self.awq_group_size!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,8 @@ def plan_units(keys) -> tuple[list[Unit], list[str]]:
             paths = tuple(f"{block}.{p}" for p in JOINT[local])
             missing = [p for p in paths if f"{p}.weight" not in present]
             if missing:
-                raise ValueError(f"{block}: joint q/k/v quantization needs {missing} (not in the file)")
+                raise QuantizeInputError(f"{block}: joint q/k/v quantization needs {missing} (not in the file)",
+                                         tensor=f"{missing[0]}.weight")
             units.append(Unit("svdquant", paths))
         elif local in SVDQUANT_SINGLE:
             units.append(Unit("svdquant", (f"{block}.{local}",)))
@@ -100,12 +117,14 @@ def smoothing_factor(weight: torch.Tensor, act_absmax: torch.Tensor | None, alph
 
 
 def _low_rank(w: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if rank == 0:  # no low-rank branch: the residual is the whole weight
+        return w.new_zeros(w.shape[0], 0), w.new_zeros(0), w.new_zeros(w.shape[1], 0)
     if min(w.shape) <= 1024:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         return u[:, :rank], s[:rank], vh[:rank].t()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(w, q=rank + 16, niter=4)
+        u, s, v = torch.svd_lowrank(w, q=min(rank + 16, min(w.shape)), niter=4)
     return u[:, :rank], s[:rank], v[:, :rank]
 
 
@@ -219,44 +238,149 @@ def _header_bound(units, passthrough, get_shape, metadata) -> int:
     return total + sum(entry_bound(k, len(get_shape(k))) for k in passthrough)
 
 
-def quantize_file(in_path, out_path, options=QuantizeOptions(), calibration=None, progress=True):
+def check_quantizable(keys, metadata, dtype_of, shape_of, options=QuantizeOptions()):
+    """``plan_units(keys)`` of a file's header, or ``QuantizeInputError`` when quantize cannot use the file:
+    a Nunchaku or already-quantized checkpoint, not a Qwen-Image model, or linears that are not float or
+    not shaped for int4. ``dtype_of`` / ``shape_of`` read one tensor's header entry."""
+    keys = list(keys)
+    _check_not_quantized(keys, metadata or {})
+    _check_qwen_image(keys)
+    units, passthrough = plan_units(keys)
+    present = set(keys)
+    for unit in units:
+        _check_unit(unit, present, dtype_of, shape_of, options)
+    return units, passthrough
+
+
+def _check_not_quantized(keys: list, metadata: dict) -> None:
+    from comfy.quant.nunchaku import is_nunchaku_checkpoint
+
+    if is_nunchaku_checkpoint(keys, metadata):
+        raise QuantizeInputError("a Nunchaku int4 checkpoint, already quantized: convert it with "
+                                 "`python -m comfy.quant convert-nunchaku IN OUT` (or load it directly)")
+    layers = [k for k in keys if k.endswith(".comfy_quant")]
+    if layers or "_quantization_metadata" in metadata:
+        why = f"'{layers[0]}'" if layers else "metadata '_quantization_metadata'"
+        raise QuantizeInputError(f"already a quantized checkpoint ({why}); quantize takes a float Qwen-Image file",
+                                 tensor=layers[0] if layers else "_quantization_metadata")
+
+
+def _check_qwen_image(keys: list) -> None:
+    prefixes = [m.group(1) for k in keys if (m := TO_Q.match(k))]
+    if prefixes and "" not in prefixes:
+        raise QuantizeInputError(f"not a Qwen-Image diffusion model file: its keys carry the prefix '{prefixes[0]}' "
+                                 "(quantize takes a diffusion_models file, keys starting transformer_blocks.)")
+    missing = "txt_norm.weight" if prefixes else "transformer_blocks.N.attn.to_q.weight"
+    if not prefixes or "txt_norm.weight" not in keys:
+        shown = (", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")) if keys else "none"
+        raise QuantizeInputError(f"not a Qwen-Image model: no {missing} (first keys: {shown})", tensor=missing)
+
+
+def _check_unit(unit: Unit, present: set, dtype_of, shape_of, options: QuantizeOptions) -> None:
+    group = GROUP_SIZE if unit.kind == "svdquant" else options.awq_group_size
+    widths = set()
+    for key in (k for k in unit.keys if k in present):
+        dtype, shape = dtype_of(key), list(shape_of(key))
+        if dtype not in FLOAT_DTYPES:
+            raise QuantizeInputError(f"tensor '{key}' is {dtype}; quantize needs float linear weights "
+                                     f"({', '.join(FLOAT_DTYPES)})", tensor=key, expected=FLOAT_DTYPES, got=dtype)
+        if key.endswith(".weight"):
+            if len(shape) != 2 or shape[1] % group:
+                raise QuantizeInputError(f"tensor '{key}': expected a 2-D linear weight whose in_features is a "
+                                         f"multiple of {group}, got shape {shape}", tensor=key, got=shape)
+            widths.add(shape[1])
+    if len(widths) > 1:
+        raise QuantizeInputError(f"{', '.join(unit.paths)}: quantized together, they need one in_features, got "
+                                 f"{sorted(widths)}", tensor=f"{unit.paths[0]}.weight", got=sorted(widths))
+
+
+def read_calibration(calibration):
+    """``(calibration dict, its file or None)``: a path is read whole (``UnreadableFileError`` naming it)."""
+    if calibration is None or isinstance(calibration, dict):
+        return calibration, None
+    path = os.fspath(calibration)
+    with open_checked(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, path
+
+
+def check_calibration(calibration, units, shape_of) -> None:
+    """``QuantizeInputError`` unless every calibration entry for a W4A4 layer is a finite float (K,) absmax
+    and at least one entry names a layer of this model."""
+    if not calibration:
+        return
+    widths = {p: shape_of(f"{p}.weight")[1] for u in units if u.kind == "svdquant" for p in u.paths}
+    used = [k for k in calibration if k in widths]
+    if not used:
+        shown = ", ".join(list(calibration)[:3])
+        raise QuantizeInputError(f"calibration names none of the model's {len(widths)} W4A4 layers "
+                                 f"(first entries: {shown}); expected keys like transformer_blocks.0.attn.to_q")
+    for key in used:
+        t = calibration[key]
+        ok = (isinstance(t, torch.Tensor) and t.is_floating_point() and list(t.shape) == [widths[key]]
+              and bool(torch.isfinite(t).all()))
+        if not ok:
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise QuantizeInputError(f"calibration entry '{key}': expected finite float input absmax of shape "
+                                     f"[{widths[key]}], got {got}", tensor=key, expected=[widths[key]], got=got)
+
+
+def quantize_file(in_path, out_path, options=QuantizeOptions(), calibration=None, progress=True,
+                  overwrite: bool = False):
     """Stream a safetensors file layer by layer into an int4 checkpoint; returns layer counts by format.
 
     Memory holds one layer (or one q/k/v group) at a time: inputs are read with ``safe_open`` and
-    outputs written as they are made. Refuses (``ValueError``) an output that is the input file.
+    outputs written as they are made. Before any work it refuses (``QuantFileError``) an output it must
+    not write (the input, a directory, a missing folder, an existing file unless ``overwrite``), an
+    unreadable input, an input quantize cannot use (``check_quantizable``) and a calibration (a dict,
+    or a safetensors path) that does not fit it. On any failure no output (and no ``.partial``) is left.
     """
-    check_output(in_path, out_path, "quantize_file", overwrite=True)
-    import safetensors
-    from tqdm import tqdm
+    check_output(in_path, out_path, "quantize", overwrite=overwrite)
+    calibration, calibration_file = read_calibration(calibration)
+    with open_checked(in_path) as f:
+        keys, metadata = list(f.keys()), dict(f.metadata() or {})
 
-    with safetensors.safe_open(str(in_path), framework="pt") as f:
-        keys = list(f.keys())
-        units, passthrough = plan_units(keys)
-        present = set(keys)
-        metadata = dict(f.metadata() or {})
-
-        def get(key):
-            return f.get_tensor(key) if key in present else None
-
-        def get_shape(key):
+        def shape_of(key):
             return f.get_slice(key).get_shape()
 
-        layers = {}
-        reserve = _header_bound(units, passthrough, get_shape, metadata)
-        with streaming_file(str(out_path), reserve) as writer:
-            for unit in tqdm(units, desc="quantizing", unit="layer", disable=not progress):
-                out = quantize_unit(unit, get, calibration, options)
-                for name, tensor in out.items():
-                    writer.add(name, tensor)
-                layers.update(layer_configs(out))
-            for key in passthrough:
-                writer.add(key, f.get_tensor(key))
-            metadata["_quantization_metadata"] = quantization_header(layers)
-            writer.finish(metadata)
+        try:
+            units, passthrough = check_quantizable(keys, metadata, lambda k: f.get_slice(k).get_dtype(), shape_of,
+                                                   options)
+        except QuantFileError as e:
+            e.with_file(in_path)
+            raise
+        try:
+            check_calibration(calibration, units, shape_of)
+        except QuantFileError as e:
+            if calibration_file:
+                e.with_file(calibration_file)
+            raise
+        _write(f, str(out_path), units, passthrough, metadata, calibration, options, progress)
     counts = {"svdquant_w4a4": sum(len(u.paths) for u in units if u.kind == "svdquant"),
               "awq_w4a16": sum(1 for u in units if u.kind == "awq"), "float": len(passthrough)}
     logger.info("wrote %s: %s", out_path, counts)
     return counts
+
+
+def _write(f, out_path: str, units, passthrough, metadata: dict, calibration, options, progress) -> None:
+    """Quantize the units read from the open file ``f`` and copy the passthrough keys into ``out_path``."""
+    from tqdm import tqdm
+
+    present = set(f.keys())
+
+    def get(key):
+        return f.get_tensor(key) if key in present else None
+
+    layers = {}
+    reserve = _header_bound(units, passthrough, lambda k: f.get_slice(k).get_shape(), metadata)
+    with streaming_file(out_path, reserve) as writer:
+        for unit in tqdm(units, desc="quantizing", unit="layer", disable=not progress):
+            out = quantize_unit(unit, get, calibration, options)
+            for name, tensor in out.items():
+                writer.add(name, tensor)
+            layers.update(layer_configs(out))
+        for key in passthrough:
+            writer.add(key, f.get_tensor(key))
+        writer.finish(dict(metadata, _quantization_metadata=quantization_header(layers)))
 
 
 def record_activation_stats(diffusion_model: torch.nn.Module, run) -> dict[str, torch.Tensor]:
