@@ -1,0 +1,181 @@
+"""Seeded fuzzing of what strangers' files can hold: valid tiny checkpoints, Nunchaku files and LoRAs are
+mutated (file bytes, header lengths, tensor shapes / dtypes / values, dropped and stray keys, layer JSON,
+file metadata, LoRA alphas and strengths) and fed to the loaders.
+
+The properties, for every mutation:
+
+* only documented errors escape: a ``QuantFileError`` (the package's input errors, ``docs/reliability.md``);
+  nothing else — no ``RuntimeError`` from torch, no ``KeyError``, no ``RecursionError``;
+* a model is loaded fully or not at all: a returned model holds exactly the clean model's tensors (same
+  keys, shapes and dtypes) and each of them equals the file's tensor (cast to the compute dtype), and it
+  runs a forward;
+* a LoRA either applies (every accepted patch; refused ones reported) or raises ``LoraError`` before
+  anything is patched; patching never raises, a model whose output was finite stays finite, and unpatching
+  restores it bit for bit.
+
+Hypothesis runs derandomized (the same examples on every run, no example database). The CI run is
+``FUZZ_EXAMPLES`` examples per target; ``COMFY_INT4_FUZZ=N`` runs N per target (the long run recorded in
+``docs/reliability.md``).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import struct
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import comfy.sd
+import comfy.utils
+from comfy.quant.errors import QuantFileError
+from fuzz_mutations import (apply_byte_mutation, apply_tensor_mutation, byte_mutations, tensor_mutations)
+from lora_helpers import IN_CH, TXT_DIM, checkpoint
+
+FUZZ_EXAMPLES = int(os.environ.get("COMFY_INT4_FUZZ", "40"))
+# no shrinking: a mutation is already small, and shrinking re-runs slow loads for minutes
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+                phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
+FP32 = {"dtype": torch.float32}
+OUTCOMES: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_outcomes():
+    """Print, per target, how many mutated files loaded whole and which documented errors refused the rest."""
+    start = time.perf_counter()
+    yield
+    for target, counts in sorted(OUTCOMES.items()):
+        print(f"\n[fuzz] {target}: {sum(counts.values())} examples: " + ", ".join(f"{k} {v}" for k, v in
+                                                                                  counts.most_common()))
+    print(f"[fuzz] {FUZZ_EXAMPLES} examples per target, {time.perf_counter() - start:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------ files
+def _clean_int4():
+    sd, meta = checkpoint()
+    return sd, meta
+
+
+def _save(path, sd, meta):
+    comfy.utils.save_torch_file(sd, path, metadata=meta)
+    return path
+
+
+def _expected_tensors(model) -> dict:
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if not k.endswith("comfy_quant")}
+
+
+@pytest.fixture(scope="module")
+def clean_layout(tmp_path_factory):
+    """The clean int4 file's bytes and the keys / shapes / dtypes of the model it loads into."""
+    path = _save(tmp_path_factory.mktemp("fuzz") / "clean.safetensors", *_clean_int4())
+    model = comfy.sd.load_diffusion_model(path, model_options=FP32).model.diffusion_model
+    return path.read_bytes(), _expected_tensors(model)
+
+
+def _load_or_refuse(path, target):
+    """The loaded diffusion model, or None when a documented error refused the file."""
+    try:
+        model = comfy.sd.load_diffusion_model(path, model_options=FP32).model.diffusion_model
+    except QuantFileError as e:
+        OUTCOMES[target][type(e).__name__] += 1
+        return None
+    OUTCOMES[target]["loaded whole"] += 1
+    return model
+
+
+def _assert_whole(model, expected, file_sd):
+    """Exactly the clean model's tensors, each equal to the file's (cast to the compute dtype), and a forward runs."""
+    got = model.state_dict()
+    assert _expected_tensors(model) == expected
+    for key, t in got.items():
+        if key.endswith("comfy_quant"):
+            continue
+        src = file_sd[key]
+        assert torch.equal(t, src.to(t.dtype) if t.is_floating_point() else src.view(t.dtype)), key
+    x = torch.randn(1, IN_CH // 4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(1, 3, TXT_DIM, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(x, torch.full((1,), 0.5), ctx)
+
+
+def _file_tensors(path):
+    import safetensors.torch
+    return safetensors.torch.load_file(str(path))
+
+
+@FUZZ
+@given(mutation=byte_mutations())
+def test_fuzz_file_bytes(clean_layout, tmp_path_factory, mutation):
+    """Truncations, flipped header / data bytes and forged header lengths of the int4 file."""
+    data, expected = clean_layout
+    path = tmp_path_factory.mktemp("bytes") / "m.safetensors"
+    path.write_bytes(apply_byte_mutation(data, mutation))
+    model = _load_or_refuse(path, "file bytes")
+    if model is not None:
+        _assert_whole(model, expected, _file_tensors(path))
+
+
+@FUZZ
+@given(mutation=tensor_mutations(*_clean_int4()))
+def test_fuzz_int4_checkpoint(clean_layout, tmp_path_factory, mutation):
+    """Dropped, stray, reshaped, retyped or NaN / Inf / 0 / huge tensors; layer JSON and file metadata."""
+    _, expected = clean_layout
+    sd, meta = _clean_int4()
+    apply_tensor_mutation(sd, meta, mutation)
+    path = _save(tmp_path_factory.mktemp("int4") / "m.safetensors", sd, meta)
+    model = _load_or_refuse(path, "int4 tensors and metadata")
+    if model is not None:
+        _assert_whole(model, expected, _file_tensors(path))
+
+
+def _clean_nunchaku():
+    import nunchaku_fixtures as F
+    return F.to_nunchaku(F.make_natural(seed=3))
+
+
+@FUZZ
+@given(mutation=tensor_mutations(*_clean_nunchaku()))
+def test_fuzz_nunchaku_checkpoint(tmp_path_factory, mutation):
+    """The same mutations on a Nunchaku file, loaded directly and through convert-nunchaku: both refuse with
+    a documented error or both load; the converter leaves no output behind when it refuses."""
+    from comfy.quant.nunchaku import convert_nunchaku_file
+    sd, meta = _clean_nunchaku()
+    apply_tensor_mutation(sd, meta, mutation)
+    d = tmp_path_factory.mktemp("nunchaku")
+    import safetensors.torch
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "n.safetensors"), metadata=meta)
+    direct = _load_or_refuse(d / "n.safetensors", "Nunchaku direct load")
+    try:
+        convert_nunchaku_file(str(d / "n.safetensors"), str(d / "c.safetensors"), progress=False)
+        converted = _load_or_refuse(d / "c.safetensors", "Nunchaku converted")
+    except QuantFileError:
+        assert not any(p.name.startswith("c.safetensors") for p in d.iterdir()), "converter left a file behind"
+        converted = None
+    assert (direct is None) == (converted is None), "direct load and convert-then-load disagree"
+    if direct is not None:
+        assert _expected_tensors(direct) == _expected_tensors(converted)
+        for k, v in direct.state_dict().items():
+            assert torch.equal(v, converted.state_dict()[k]), k
+
+
+def test_the_mutations_are_not_vacuous(clean_layout, tmp_path):
+    """Negative control for the properties: the clean file passes them, and a hand-made half-loaded
+    model (a bias left as garbage) fails ``_assert_whole``."""
+    data, expected = clean_layout
+    path = tmp_path / "clean.safetensors"
+    path.write_bytes(data)
+    model = _load_or_refuse(path, "negative control")
+    assert model is not None
+    file_sd = _file_tensors(path)
+    _assert_whole(model, expected, file_sd)
+    model.transformer_blocks[0].attn.to_q.bias.data.fill_(7.0)
+    with pytest.raises(AssertionError):
+        _assert_whole(model, expected, file_sd)
+    assert struct.unpack("<Q", data[:8])[0] < len(data)
+    assert json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
