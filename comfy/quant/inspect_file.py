@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from comfy.quant import formats, metadata as meta_json, nunchaku
-from comfy.quant.errors import QuantizedLayerError
+from comfy.quant.errors import MetadataError, QuantizedLayerError
 from comfy.quant.formats.base import check_finite
+from comfy.quant.loading import quantization_layers
 from comfy.quant.safetensors_stream import open_checked
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -91,20 +92,13 @@ def _small_tensor(f, key, meta: torch.Tensor) -> torch.Tensor:
 
 
 def _header_layers(report: Report, metadata: dict) -> dict:
-    """``{layer: JSON}`` of the ``_quantization_metadata`` header; its problems go to the report."""
-    raw = metadata.get("_quantization_metadata")
-    if not raw:
-        return {}
+    """``{layer: JSON}`` of the ``_quantization_metadata`` header (the loader's own checks); a problem
+    goes to the report instead of being raised."""
     try:
-        layers = meta_json.parse_object(raw, "_quantization_metadata").get("layers")
-    except ValueError as e:
+        return quantization_layers(metadata)
+    except MetadataError as e:
         report.problems.append(str(e))
         return {}
-    if not isinstance(layers, dict):
-        report.problems.append(f"metadata '_quantization_metadata': expected a 'layers' object, "
-                               f"got {str(layers)[:80]}")
-        return {}
-    return layers
 
 
 def _inspect_layer(report: Report, layer: str, raw, metas, read) -> set[str]:
