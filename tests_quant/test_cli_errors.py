@@ -250,8 +250,8 @@ def test_force_overwrites_an_existing_output(files, tmp_path, capsys):
 @pytest.mark.parametrize("error,code,line", [
     (RuntimeError("disk on fire"), 3,
      "error: internal error: RuntimeError: disk on fire (run with -v for the traceback)"),
-    (KeyboardInterrupt(), 130, "error: interrupted")])
-@pytest.mark.parametrize("existing", [False, True])
+    (KeyboardInterrupt(), 130, "error: interrupted")], ids=["internal error", "interrupted"])
+@pytest.mark.parametrize("existing", [False, True], ids=["new output", "--force over an output"])
 def test_failure_midway_leaves_no_output_and_no_partial(files, tmp_path, capsys, monkeypatch, error, code, line,
                                                         existing):
     out = tmp_path / "int4.safetensors"
@@ -281,14 +281,16 @@ def test_verbose_shows_the_traceback_of_internal_errors(files, tmp_path, monkeyp
 
 # ---- rank, alpha, strength: refused at parsing, one line ----
 
-@pytest.mark.parametrize("argv,option", [
-    (["quantize", "IN", "OUT", "--rank", "-4"], "--rank"), (["quantize", "IN", "OUT", "--rank", "2.5"], "--rank"),
-    (["quantize", "IN", "OUT", "--alpha", "1.5"], "--alpha"), (["quantize", "IN", "OUT", "--alpha", "nan"], "--alpha"),
-    (["quantize", "IN", "OUT", "--alpha", "-0.1"], "--alpha"),
-    (["demo", "--strength", "nan"], "--strength"), (["demo", "--strength", "inf"], "--strength"),
-    (["demo", "--strength", "1e30"], "--strength"), (["demo", "--strength", "-100.5"], "--strength"),
-    (["demo", "--rank", "-1"], "--rank"), (["bench", "--iters", "0"], "--iters")])
-def test_bad_numbers_are_refused_at_parsing(tmp_path, capsys, monkeypatch, argv, option):
+BAD_NUMBERS = [["quantize", "IN", "OUT", "--rank", "-4"], ["quantize", "IN", "OUT", "--rank", "2.5"],
+               ["quantize", "IN", "OUT", "--alpha", "1.5"], ["quantize", "IN", "OUT", "--alpha", "nan"],
+               ["quantize", "IN", "OUT", "--alpha", "-0.1"], ["demo", "--strength", "nan"],
+               ["demo", "--strength", "inf"], ["demo", "--strength", "1e30"], ["demo", "--strength", "-100.5"],
+               ["demo", "--rank", "-1"], ["bench", "--iters", "0"]]
+
+
+@pytest.mark.parametrize("argv", BAD_NUMBERS, ids=[" ".join((a[0], *a[-2:])) for a in BAD_NUMBERS])
+def test_bad_numbers_are_refused_at_parsing(tmp_path, capsys, monkeypatch, argv):
+    option = argv[-2]
     monkeypatch.chdir(tmp_path)
     code, err = _run(capsys, *argv)
     assert code == 2
@@ -356,13 +358,17 @@ def _calibration(d, kind):
     return path
 
 
-@pytest.mark.parametrize("kind,expected", [
-    ("missing", "cannot read as safetensors: no such file"),
-    ("wrong width",
-     f"calibration entry '{TO_Q}': expected finite float input absmax of shape [256], got torch.float32 [100]"),
-    ("nan", f"calibration entry '{TO_Q}'"),
-    ("another model", "calibration names none of the model's 12 W4A4 layers (first entries: down_blocks.0.attn)")])
-def test_calibration_errors_name_the_calibration_file(files, tmp_path, capsys, monkeypatch, kind, expected):
+CALIBRATION_ERRORS = {
+    "missing": "cannot read as safetensors: no such file",
+    "wrong width": f"calibration entry '{TO_Q}': expected finite float input absmax of shape [256], "
+                   "got torch.float32 [100]",
+    "nan": f"calibration entry '{TO_Q}'",
+    "another model": "calibration names none of the model's 12 W4A4 layers (first entries: down_blocks.0.attn)"}
+
+
+@pytest.mark.parametrize("kind", list(CALIBRATION_ERRORS))
+def test_calibration_errors_name_the_calibration_file(files, tmp_path, capsys, monkeypatch, kind):
+    expected = CALIBRATION_ERRORS[kind]
     cal = _calibration(tmp_path, kind)
     _no_work(monkeypatch)
     out = tmp_path / "out.safetensors"
