@@ -3,7 +3,8 @@
 * ``model_lora_keys_unet(model, key_map)`` maps every LoRA key prefix a user's file may carry to
   the model weight key it patches, ``"diffusion_model.<X>.weight"``, or, for a part of a fused
   weight, to ``(weight_key, (dim, start, length))``.
-* ``load_lora(lora, to_load)`` turns a LoRA state dict into ``{target: adapter or ("diff", ...)}``.
+* ``load_lora(lora, to_load)`` turns a LoRA state dict into ``{target: adapter or ("diff", ...)}``,
+  leaving out (and reporting) malformed modules and second spellings of a module; never raises.
 * ``calculate_weight(patches, weight, key)`` merges patches into a dense weight.
 
 int4 weights are never merged here: the model patcher hands int4 targets the adapter's
@@ -11,11 +12,13 @@ int4 weights are never merged here: the model patcher hands int4 targets the ada
 """
 from __future__ import annotations
 
+import collections
 import logging
 
 import torch
 
 from . import weight_adapter
+from .quant.patching import adapter_problem
 from .weight_adapter.base import cast_to_device, pad_tensor_to_shape
 
 logger = logging.getLogger(__name__)
@@ -165,75 +168,119 @@ def _bias_target(target):
     return "{}.bias".format(target[:-len(".weight")])
 
 
-def load_lora(lora, to_load, log_missing=True, not_loaded=None):
+# one patch a LoRA prefix yields, and one it cannot: ``keys`` are the LoRA keys behind it
+_Entry = collections.namedtuple("_Entry", ["prefix", "target", "patch", "keys"])
+Refused = collections.namedtuple("Refused", ["prefix", "target", "keys", "reason"])
+
+
+def _alpha(lora, x):
+    """``(alpha, problem)`` of LoRA prefix ``x``: a float or None, and why it is not a scalar."""
+    a = lora.get("{}.alpha".format(x))
+    if a is None:
+        return None, None
+    if torch.is_tensor(a):
+        if a.numel() != 1:
+            return None, "alpha has shape {}, expected a scalar (0-d or 1 element)".format(tuple(a.shape))
+        a = a.item()
+    try:
+        return float(a), None
+    except (TypeError, ValueError):
+        return None, "alpha {!r} is not a number".format(a)
+
+
+def _adapter_entry(lora, x, target):
+    """The weight-adapter entry of prefix ``x`` (alpha and dora_scale keys included), or None."""
+    alpha, problem = _alpha(lora, x)
+    dora_name = "{}.dora_scale".format(x)
+    for adapter_cls in weight_adapter.adapters:
+        adapter = adapter_cls.load(x, lora, alpha, lora.get(dora_name), set())
+        if adapter is not None:
+            extra = {n for n in ("{}.alpha".format(x), dora_name) if n in lora}
+            return _Entry(x, target, adapter, frozenset(adapter.loaded_keys | extra)), problem
+    return None, None
+
+
+def _dense_entries(lora, x, target):
+    """Entries of prefix ``x``'s dense patches: ``w_norm``/``b_norm``, ``diff``, ``diff_b``, ``set_weight``."""
+    bias = _bias_target(target)
+    wanted = [("w_norm", target, "diff"), ("diff", target, "diff"), ("diff_b", bias, "diff"),
+              ("set_weight", target, "set")]
+    if "{}.w_norm".format(x) in lora:
+        wanted.insert(1, ("b_norm", bias, "diff"))
+    out = []
+    for suffix, tgt, kind in wanted:
+        name = "{}.{}".format(x, suffix)
+        if name in lora and tgt is not None:
+            out.append(_Entry(x, tgt, (kind, (lora[name],)), frozenset([name])))
+    return out
+
+
+def _prefix_entries(lora, x, target):
+    """``(entries, refused)`` of LoRA prefix ``x``: each patch checked for shape and alpha (no value scan)."""
+    entry, alpha_problem = _adapter_entry(lora, x, target)
+    dense = _dense_entries(lora, x, target)
+    if entry is None and dense and "{}.alpha".format(x) in lora:  # alpha counts as loaded with the rest
+        dense[0] = dense[0]._replace(keys=dense[0].keys | {"{}.alpha".format(x)})
+    entries, refused = [], []
+    for e in ([entry] if entry is not None else []) + dense:
+        problem = (alpha_problem if e is entry else None) or adapter_problem(e.patch, scan_values=False)
+        if problem:
+            refused.append(Refused(x, e.target, sorted(e.keys), problem))
+        else:
+            entries.append(e)
+    return entries, refused
+
+
+def _first_per_target(entries, lora):
+    """``(kept, duplicates)``: of the entries patching one target, the one whose keys come first in the
+    file is kept (in ``entries``' order); the others are refused as duplicates of it."""
+    order = {k: i for i, k in enumerate(lora)}
+    first = {}
+    for e in sorted(entries, key=lambda e: min(order[k] for k in e.keys)):
+        first.setdefault(e.target, e)
+    kept, duplicates = [], []
+    for e in entries:
+        if first[e.target] is e:
+            kept.append(e)
+        else:
+            why = "duplicate of '{}', which comes first in the file".format(first[e.target].prefix)
+            duplicates.append(Refused(e.prefix, e.target, sorted(e.keys), why))
+    return kept, duplicates
+
+
+def _shown(target):
+    return target if isinstance(target, str) else "{} rows {}".format(target[0], target[1])
+
+
+def load_lora(lora, to_load, log_missing=True, not_loaded=None, refused=None):
     """``{target: adapter | ("diff", (tensor,)) | ("set", (tensor,))}`` for the prefixes in ``to_load``.
 
-    Every LoRA key not consumed is logged (``lora key not loaded: ...``) when ``log_missing`` and
-    appended to ``not_loaded`` when a list is given.
+    Never raises on a malformed entry: a patch whose alpha is not a scalar or whose factors do not
+    compose (``adapter_problem`` without the value scan, which ``add_patches`` runs) is left out, and
+    of several patches for one target (one module under two spellings) the first in the file is kept.
+    Every LoRA key not loaded is logged (``lora key not loaded: KEY (reason)``) when ``log_missing``
+    and appended to ``not_loaded`` when a list is given; ``refused`` (a list) receives a ``Refused``
+    ``(prefix, target, keys, reason)`` per patch left out.
     """
-    patch_dict = {}
-    loaded_keys = set()
+    entries, left_out = [], []
     for x, target in to_load.items():
-        consumed = set()
-        alpha_name = "{}.alpha".format(x)
-        alpha = None
-        if alpha_name in lora:
-            a = lora[alpha_name]
-            alpha = a.item() if torch.is_tensor(a) else float(a)
-        dora_name = "{}.dora_scale".format(x)
-        dora_scale = lora.get(dora_name, None)
-
-        for adapter_cls in weight_adapter.adapters:
-            adapter = adapter_cls.load(x, lora, alpha, dora_scale, consumed)
-            if adapter is not None:
-                patch_dict[target] = adapter
-                consumed.update(adapter.loaded_keys)
-                break
-        else:
-            adapter = None
-
-        w_norm_name = "{}.w_norm".format(x)
-        b_norm_name = "{}.b_norm".format(x)
-        if w_norm_name in lora:
-            consumed.add(w_norm_name)
-            patch_dict[target] = ("diff", (lora[w_norm_name],))
-            bt = _bias_target(target)
-            if b_norm_name in lora and bt is not None:
-                consumed.add(b_norm_name)
-                patch_dict[bt] = ("diff", (lora[b_norm_name],))
-
-        diff_name = "{}.diff".format(x)
-        if diff_name in lora:
-            patch_dict[target] = ("diff", (lora[diff_name],))
-            consumed.add(diff_name)
-
-        diff_b_name = "{}.diff_b".format(x)
-        if diff_b_name in lora:
-            bt = _bias_target(target)
-            if bt is not None:
-                patch_dict[bt] = ("diff", (lora[diff_b_name],))
-                consumed.add(diff_b_name)
-
-        set_name = "{}.set_weight".format(x)
-        if set_name in lora:
-            patch_dict[target] = ("set", (lora[set_name],))
-            consumed.add(set_name)
-
-        if consumed:
-            # alpha / dora_scale count as loaded only when something of this prefix was
-            if alpha_name in lora:
-                consumed.add(alpha_name)
-            if dora_name in lora and adapter is not None:
-                consumed.add(dora_name)
-            loaded_keys.update(consumed)
-
+        found, bad = _prefix_entries(lora, x, target)
+        entries += found
+        left_out += bad
+    kept, duplicates = _first_per_target(entries, lora)
+    left_out += duplicates
+    loaded_keys = set().union(*(e.keys for e in kept))
+    reasons = {k: "{}: {}".format(_shown(r.target), r.reason) for r in reversed(left_out) for k in r.keys}
     for k in lora.keys():
         if k not in loaded_keys:
             if log_missing:
-                logger.warning("lora key not loaded: {}".format(k))
+                why = reasons.get(k)
+                logger.warning("lora key not loaded: {}{}".format(k, " ({})".format(why) if why else ""))
             if not_loaded is not None:
                 not_loaded.append(k)
-    return patch_dict
+    if refused is not None:
+        refused.extend(left_out)
+    return {e.target: e.patch for e in kept}
 
 
 # --------------------------------------------------------------------------- calculate_weight

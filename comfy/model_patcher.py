@@ -16,7 +16,6 @@ import torch
 
 import comfy.lora
 from comfy.quant import host as int4
-from comfy.weight_adapter import WeightAdapterBase
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +66,15 @@ class ModelPatcher:
 
     # ---- patches ----
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
-        """Queue patches ``{target: adapter}``; returns the targets accepted. Nothing is applied yet."""
+        """Queue patches ``{target: adapter}``; returns the targets accepted. Nothing is applied yet.
+
+        Every patch is checked now (``comfy.quant.host.patch_problem``, float and int4 targets alike):
+        one that cannot apply is logged with its reason and left out, the rest are queued."""
+        problem = int4.strength_problem(strength_patch, "strength") or \
+            int4.strength_problem(strength_model, "strength_model")
+        if problem:
+            logger.error("LoRA patches not applied (%d targets): %s", len(patches), problem)
+            return []
         accepted = []
         for target, adapter in patches.items():
             key, offset, function = (target, None, None) if isinstance(target, str) else (
@@ -75,7 +82,8 @@ class ModelPatcher:
             module, param = self._target(key)
             if module is None:
                 continue
-            problem = self._patch_problem(getattr(module, param), adapter, offset, function, strength_model)
+            problem = int4.patch_problem(getattr(module, param), adapter, offset, function, strength_model,
+                                         strength_patch)
             if problem:
                 logger.error("LoRA patch for %s not applied: %s", key, problem)
                 continue
@@ -84,23 +92,6 @@ class ModelPatcher:
         if accepted:
             self.patches_uuid = uuid.uuid4()
         return accepted
-
-    @staticmethod
-    def _patch_problem(weight, adapter, offset, function, strength_model):
-        if int4.is_int4(weight):
-            return int4.patch_problem(weight, adapter, offset, function, strength_model)
-        shape = list(weight.shape)
-        if offset is not None:
-            dim, start, length = offset
-            if dim not in (0, 1) or start < 0 or start + length > shape[dim]:
-                return f"offset {offset} outside the weight's shape {tuple(shape)}"
-            shape[dim] = length
-        if isinstance(adapter, WeightAdapterBase):
-            if not adapter.shape_matches(tuple(shape)):
-                return f"adapter delta of shape {adapter.delta_shape()} does not fit the target shape {tuple(shape)}"
-        elif adapter[0] in ("diff", "set") and tuple(adapter[1][0].shape) != tuple(shape):
-            return f"'{adapter[0]}' tensor of shape {tuple(adapter[1][0].shape)} does not fit {tuple(shape)}"
-        return None
 
     def patch_weight_to_device(self, key, device_to=None):
         module, param = self._target(key)

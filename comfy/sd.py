@@ -51,12 +51,18 @@ def load_diffusion_model(unet_path, model_options={}):
 
 
 def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
-    """Apply a LoRA state dict to a model (text encoder not carried here) → ``(model, clip)``."""
+    """Apply a LoRA state dict to a model (text encoder not carried here) → ``(model, clip)``.
+
+    A strength that is not a finite number within ±100 raises ``LoraError`` before anything is
+    patched. Patches that cannot apply are refused one by one (logged, and ``NOT LOADED``) and the
+    rest applies; a LoRA of which nothing applies is a warning, not an error."""
+    if model is not None:
+        int4.check_strength(strength_model, "strength_model")
     key_map = {}
     if model is not None:
         key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
-    not_loaded = []
-    loaded = comfy.lora.load_lora(lora, key_map, not_loaded=not_loaded)
+    not_loaded, refused = [], []
+    loaded = comfy.lora.load_lora(lora, key_map, not_loaded=not_loaded, refused=refused)
     new_modelpatcher = None
     if model is not None:
         new_modelpatcher = model.clone()
@@ -64,6 +70,10 @@ def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
         for target in loaded:
             if target not in accepted:
                 logger.warning("NOT LOADED %s", target)
+        if not accepted:  # an empty LoRA, one for another model, or one whose every patch is refused
+            logger.warning("LoRA: nothing applies to this model: %s", "it has no keys" if not lora else
+                           f"of its {len(lora)} keys, {len(not_loaded)} did not load ({len(refused)} patches "
+                           f"refused, the rest map to no layer) and {len(loaded)} patches were refused")
     if clip is not None and strength_clip:
         logger.warning("text-encoder LoRA keys are not applied: this build carries no text encoder")
     return new_modelpatcher, clip

@@ -535,7 +535,8 @@ def test_wrong_shape_pair_skipped_reported_rest_applied(caplog):
     assert_state_equal(before, state(mp))
 
 
-# a LoRA pair whose up/down ranks differ is refused at add_patches, the rest of the file applies
+# a LoRA pair whose up/down ranks differ is refused when the file is loaded (a warning naming its keys and
+# the ranks), the rest of the file applies
 def test_rank_mismatched_pair_on_int4_is_skipped(caplog):
     mp = H.load_model(torch.float32)
     paths = [SVD_SIGNED, FLOAT_IMG]
@@ -547,7 +548,9 @@ def test_rank_mismatched_pair_on_int4_is_skipped(caplog):
     patched, _ = comfy.sd.load_lora_for_models(mp, None, lora, 1.0, 0)
     with caplog.at_level(logging.WARNING):
         patched.patch_model()
-    assert any(SVD_SIGNED in r.getMessage() and r.levelno >= logging.ERROR for r in caplog.records)
+    assert any(SVD_SIGNED in r.getMessage() and "rank 5 != 4" in r.getMessage() and r.levelno >= logging.WARNING
+               for r in caplog.records)
+    assert list(patched.patches) == [_key(FLOAT_IMG)]
     outs = probes.run()
     probes.check_exactly_unchanged(outs, [SVD_SIGNED])
     probes.check(outs, expect_lowrank(probes, fac, 1.0), what="rest applied")

@@ -85,4 +85,4 @@ class LoKrAdapter(WeightAdapterBase):
                 w2 = tucker_weight(w2_a, w2_b, t2)
         if w2.dim() > 2 and w1.dim() < w2.dim():
             w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - w1.dim())))
-        return torch.kron(w1, w2)
+        return torch.kron(w1.contiguous(), w2.contiguous())  # kron views its inputs: an einsum result fails
