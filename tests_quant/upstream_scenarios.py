@@ -508,8 +508,86 @@ def scenario_hostile(rec, params):
         lambda: len(comfy.utils.load_torch_file(folder_paths.get_full_path("loras", params["corrupt_lora"]))))
 
 
+def scenario_arch_keys(rec, params):
+    """UNETLoader on float files of other architectures (``params["files"]``: {tag: name}); per file: the
+    detected model class and supported-model config class, the unet_config, the loaded diffusion model's
+    state-dict keys and shapes, and the ``unet missing`` / ``unet unexpected`` warnings. A tag listed in
+    ``params["zimage_shim"]`` whose plain load fails is loaded again under ``_zimage_width_shim`` (below);
+    ``info["attempts"]`` keeps each attempt's outcome, ``info["shim"]`` what the shim supplied (None when
+    the plain load worked) and ``info["loaded_by"]`` which attempt loaded the file."""
+    import comfy.model_management as mm
+
+    @contextlib.contextmanager
+    def _zimage_width_shim(info):
+        """Upstream knows Z-Image only at dim 3840 (the ``dim == 3840`` branch of the Lumina 2 detection sets
+        heads, RoPE, FFN multiplier, z_image_modulation, ...; ``supported_models.ZImage`` matches ``dim: 3840``).
+        For a smaller file this supplies just those constructor arguments, read from unquantized tensors
+        (head dim from ``layers.0.attention.q_norm.weight``; Z-Image is told from Lumina 2 by its SiLU-less
+        ``layers.0.adaLN_modulation.0``), and lets ZImage match on ``z_image_modulation``. Everything else (model
+        class, construction, weight loading, its warnings) stays upstream's. Undone on exit."""
+        import comfy.model_detection as md
+        import comfy.supported_models as sm
+        orig_detect, orig_match = md.detect_unet_config, sm.ZImage.unet_config
+
+        def detect(state_dict, key_prefix, metadata=None):
+            conf = orig_detect(state_dict, key_prefix, metadata=metadata)
+            p = key_prefix
+            if (conf and conf.get("image_model") == "lumina2" and "n_heads" not in conf
+                    and f"{p}layers.0.adaLN_modulation.0.weight" in state_dict):
+                head_dim = state_dict[f"{p}layers.0.attention.q_norm.weight"].shape[0]
+                heads = conf["dim"] // head_dim
+                conf.update(n_heads=heads, n_kv_heads=heads, axes_dims=[head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8],
+                            axes_lens=[1536, 512, 512], rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0,
+                            z_image_modulation=True, time_scale=1000.0)
+                if f"{p}cap_pad_token" in state_dict:
+                    conf["pad_tokens_multiple"] = 32
+                info["applied"] = {k: conf[k] for k in ("dim", "n_heads", "n_kv_heads", "axes_dims")}
+            return conf
+
+        md.detect_unet_config = detect
+        sm.ZImage.unet_config = {"image_model": "lumina2", "z_image_modulation": True}
+        try:
+            yield
+        finally:
+            md.detect_unet_config = orig_detect
+            sm.ZImage.unet_config = orig_match
+
+    _setup_folders(params)
+    rec.result["files"] = {}
+    for tag, name in params["files"].items():
+        info = rec.result["files"][tag] = {"shim": None}
+        attempts = [("plain", contextlib.nullcontext())]
+        if tag in params.get("zimage_shim", ()):
+            shim = {}
+            attempts.append(("shim", _zimage_width_shim(shim)))
+        for how, ctx in attempts:
+            step = f"load {tag} {how}"
+            with rec.step(step):
+                with ctx:
+                    patcher = _load_unet(name)
+                mc = patcher.model.model_config
+                dm = patcher.model.diffusion_model
+                info.update(model_class=type(patcher.model).__name__, config_class=type(mc).__name__,
+                            diffusion_model_class=type(dm).__name__,
+                            unet_config={k: (v if isinstance(v, (bool, int, float, str, list, tuple, type(None)))
+                                             else repr(v)) for k, v in mc.unet_config.items()},
+                            state_dict={k: list(v.shape) for k, v in dm.state_dict().items()})
+            warnings = rec.result["warnings"].get(step, [])
+            info.setdefault("attempts", {})[how] = {
+                "ok": rec.ok(step), "error": rec.result["errors"].get(step, "")[-1500:],
+                "missing": [w for w in warnings if "unet missing" in w],
+                "unexpected": [w for w in warnings if "unet unexpected" in w]}
+            if rec.ok(step):
+                if how == "shim":
+                    info["shim"] = shim.get("applied")
+                break
+        info["loaded_by"] = next((h for h, a in info["attempts"].items() if a["ok"]), None)
+        patcher = None
+        mm.unload_all_models()
+
+
 SCENARIOS = {"smoke": scenario_smoke, "load": scenario_load, "lora": scenario_lora, "sample": scenario_sample,
-             "save": scenario_save, "hostile": scenario_hostile}
+             "save": scenario_save, "hostile": scenario_hostile, "arch_keys": scenario_arch_keys}
 
 
 def main(argv):
