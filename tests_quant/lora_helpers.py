@@ -107,6 +107,103 @@ def lokr_sd(path, w1, w2):
     return {x + ".lokr_w1": w1, x + ".lokr_w2": w2}
 
 
+def module_of(mp, path):
+    return mp.model.diffusion_model.get_submodule(path)
+
+
+def lora_for(mp, paths, style="diffusers", r=4, alpha=None, seed=0):
+    """A LoRA file with one pair per module path (shapes from ``mp``'s model), fp32, and
+    ``{path: (up, down, alpha / r)}``."""
+    sd, fac = {}, {}
+    for i, p in enumerate(paths):
+        mod = module_of(mp, p)
+        up, down = factors(mod.out_features, mod.in_features, r, seed + 31 * i)
+        sd.update(lora_sd(style, p, up, down, alpha))
+        fac[p] = (up, down, 1.0 if alpha is None else alpha / r)
+    return sd, fac
+
+
+# one malformed or non-finite module per kind: what ``hostile_module`` builds, and a phrase of the refusal
+HOSTILE = {
+    "nan_factor": "1 NaN",  # lora_B holds one NaN
+    "inf_factor": "2 Inf",  # lora_A holds +Inf and -Inf
+    "huge_factor": "float32",  # finite factors whose product overflows float32
+    "nan_alpha": "alpha is nan",
+    "alpha_shape": "alpha has shape (2,)",  # alpha is not a scalar
+    "zero_d_factor": "has shape ()",  # a 0-d lora_B
+    "rank_mismatch": "rank 5 != 4",
+    "loha_inconsistent": "differ in shape",  # hada_w1 and hada_w2 products of different shapes
+    "loha_inf": "Inf",
+    "lokr_inconsistent": "do not compose",  # lokr_w1_a @ lokr_w1_b ranks differ
+    "lokr_nan": "NaN",
+    "nan_diff": "NaN",  # a dense delta with a NaN
+    "nan_dora": "NaN",  # a DoRA magnitude with a NaN
+}
+
+
+def _poisoned(t, value, at=((0, 0),)):
+    t = t.clone()
+    for i in at:
+        t[i] = value
+    return t
+
+
+def hostile_module(kind, path, n, k, seed=0) -> dict:
+    """LoRA keys of one module ``path`` (weight (n, k)) that no patcher may apply, of kind ``kind``
+    (a key of ``HOSTILE``). Each is consistent except for the one fault its kind names."""
+    up, down = factors(n, k, 4, seed)
+    nan, inf = float("nan"), float("inf")
+    if kind in ("nan_factor", "inf_factor", "huge_factor", "nan_alpha", "alpha_shape", "zero_d_factor"):
+        sd = lora_sd("diffusers", path, up, down)
+        prefix = lora_keys("diffusers", path)[0]
+        if kind == "nan_factor":
+            sd[prefix + ".lora_B.weight"] = _poisoned(up, nan)
+        elif kind == "inf_factor":
+            sd[prefix + ".lora_A.weight"] = _poisoned(_poisoned(down, inf), -inf, at=((1, 1),))
+        elif kind == "huge_factor":
+            sd[prefix + ".lora_B.weight"], sd[prefix + ".lora_A.weight"] = up * 1e30, down * 1e30
+        elif kind == "nan_alpha":
+            sd[prefix + ".alpha"] = torch.tensor(nan)
+        elif kind == "alpha_shape":
+            sd[prefix + ".alpha"] = torch.tensor([4.0, 4.0])
+        else:
+            sd[prefix + ".lora_B.weight"] = torch.tensor(0.5)
+        return sd
+    if kind == "rank_mismatch":
+        return lora_sd("comfy", path, factors(n, k, 5, seed)[0], down)
+    if kind == "nan_dora":
+        sd = lora_sd("comfy", path, up, down, alpha=4.0)
+        sd[f"diffusion_model.{path}.dora_scale"] = _poisoned(torch.ones(1, k), nan)
+        return sd
+    if kind == "nan_diff":
+        return {f"diffusion_model.{path}.diff": _poisoned(torch.randn(n, k) * 0.01, nan)}
+    if kind.startswith("loha"):
+        w1a, w1b = factors(n, k, 2, seed)
+        w2a, w2b = factors(n, k + (8 if kind == "loha_inconsistent" else 0), 2, seed + 1)
+        return loha_sd(path, w1a, w1b, _poisoned(w2a, inf) if kind == "loha_inf" else w2a, w2b, alpha=2.0)
+    a, b = 16, 4  # LoKr: w1 (16, 4) from w1_a @ w1_b, w2 (n/16, k/4)
+    x = "lycoris_" + path.replace(".", "_")
+    w1a, w1b = factors(a, b, 2, seed)
+    w2 = factors(n // a, k // b, 1, seed + 1)[0] @ factors(n // a, k // b, 1, seed + 2)[1]
+    if kind == "lokr_inconsistent":
+        w1b = factors(a, b, 3, seed)[1]  # (3, 4) after a (16, 2) w1_a
+    return {x + ".lokr_w1_a": w1a, x + ".lokr_w1_b": w1b, x + ".alpha": torch.tensor(2.0),
+            x + ".lokr_w2": _poisoned(w2, nan) if kind == "lokr_nan" else w2}
+
+
+def model_state(mp):
+    """A copy of every tensor of the model's state dict."""
+    return {k: v.clone() for k, v in mp.model.state_dict().items()}
+
+
+def assert_same_state(before, after):
+    """Every tensor bit-exact: same keys, dtypes, shapes and values."""
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k].dtype == after[k].dtype and before[k].shape == after[k].shape, k
+        assert torch.equal(before[k], after[k]), k
+
+
 # ------------------------------------------------------------------------------ expectations
 def lowrank_delta(x, up, down, s):
     """(s·(x Aᵀ)Bᵀ, Σ|terms|) in float64 from the LoRA tensors."""
