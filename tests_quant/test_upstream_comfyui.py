@@ -300,11 +300,29 @@ def _hostile_models(models, d):
                                                                             torch.zeros(4, 4))),
         "nan scale": edited("nan-scale.safetensors", lambda t: t[f"{layer}.weight_scale"].view(-1)[3].fill_(float("nan"))),
     }
-    lora = d.parent / "lora-a.safetensors"
-    shutil.copy(models.dir / "loras" / models.loras["A"].name, lora)
-    raw = lora.read_bytes()
+    raw = (models.dir / "loras" / models.loras["A"].name).read_bytes()
     (d / "loras" / "corrupt.safetensors").write_bytes(raw[: len(raw) // 3])
+    _hostile_lora(models, d / "loras" / "mixed.safetensors")
+    shutil.copy(models.dir / "loras" / models.loras["A"].name, d / "loras" / "good.safetensors")
     return files
+
+
+HOSTILE_LORA = {"transformer_blocks.0.attn.to_q": "nan factor", "transformer_blocks.0.attn.to_k": "alpha (2,)"}
+
+
+def _hostile_lora(models, path):
+    """LoRA A's modules, with a NaN in to_q's down factor and an alpha of shape (2,) on to_k."""
+    import safetensors.torch
+
+    import lora_helpers as H
+    sd = {}
+    for p, (up, down) in models.loras["A"].factors.items():
+        if p == "transformer_blocks.0.attn.to_q":
+            down = down.clone()
+            down[0, 0] = float("nan")
+        sd.update(H.lora_sd("diffusers", p, up, down, models.loras["A"].alpha))
+    sd["transformer.transformer_blocks.0.attn.to_k.alpha"] = torch.tensor([2.0, 2.0])
+    safetensors.torch.save_file(sd, str(path))
 
 
 def test_hostile_files_through_upstream_loaders(comfyui, models, tmp_path):
@@ -314,7 +332,11 @@ def test_hostile_files_through_upstream_loaders(comfyui, models, tmp_path):
     d = tmp_path / "models"
     files = _hostile_models(models, d)
     r = U.run_in_comfyui(comfyui.path, "hostile", tmp_path, models_dir=d, model="good.safetensors",
-                         files={"good": "good.safetensors", **files}, loras={}, corrupt_lora="corrupt.safetensors")
+                         files={"good": "good.safetensors", **files}, corrupt_lora="corrupt.safetensors",
+                         loras={"good": ["good.safetensors", 1.0], "mixed": ["mixed.safetensors", 1.0],
+                                "nan strength": ["good.safetensors", float("nan")],
+                                "huge strength": ["good.safetensors", 1e30],
+                                "corrupt": ["corrupt.safetensors", 1.0]})
     assert not r["errors"], U.format_errors(r["errors"])
     out = r["files"]
     assert out["good"]["outcome"] == "ok", out["good"]
@@ -330,3 +352,15 @@ def test_hostile_files_through_upstream_loaders(comfyui, models, tmp_path):
     assert "weight_scale" in out["nan scale"]["message"]
     direct = r["lora_file_direct"]
     assert direct["type"] == "UnreadableFileError" and "corrupt.safetensors" in direct["message"], direct
+    loras = r["loras"]
+    every = sorted(f"diffusion_model.{p}.weight" for p in U.LORA_TARGETS)
+    assert loras["good"] == {"outcome": "ok", "value": every}, loras["good"]  # control
+    valid = [k for k in every if k[len("diffusion_model."):-len(".weight")] not in HOSTILE_LORA]
+    assert loras["mixed"] == {"outcome": "ok", "value": valid}, loras["mixed"]  # the rest applies
+    warned = " ".join(r["warnings"].get("lora mixed", []))
+    for p, what in HOSTILE_LORA.items():
+        assert f"{p}.weight not applied" in warned, (what, warned)
+    assert "NaN" in warned and "alpha has shape (2,)" in warned, warned
+    for tag in ("nan strength", "huge strength"):
+        assert loras[tag]["type"] == "LoraError" and "nothing was patched" in loras[tag]["message"], loras[tag]
+    assert loras["corrupt"]["type"] == "UnreadableFileError", loras["corrupt"]

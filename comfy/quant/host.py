@@ -19,8 +19,8 @@ Models
 Files
     ``prepare_state_dict(sd, metadata)``   Nunchaku checkpoints become native int4 tensors; the file's
                                            quantization metadata is checked before a model is built
-    ``check_complete(model, missing, unexpected)``  after ``load_state_dict``: an int4 model loads whole or
-                                           raises ``IncompleteModelError``
+    ``load_state_dict(model, sd, strict, assign)``  in place of ``model.load_state_dict``: a file with
+                                           int4 layers loads whole or raises (``comfy.quant.loading``)
     ``saveable(sd)``                       shared tensors (tied q/k/v) cloned, as safetensors requires
     ``raise_if_unreadable(path, error)``   in ``load_torch_file``'s handler: a corrupt, truncated or missing
                                            file, or a directory, becomes ``UnreadableFileError`` naming it
@@ -30,6 +30,7 @@ Errors
 Model patcher (LoRA)
     ``patch_problem``, ``patch_weight``, ``group_is_patched``, ``Backup``   see ``comfy.quant.patching``
     ``adapter_problem``, ``strength_problem``, ``check_strength``          LoRA checks before anything is patched
+    ``lora_alpha(tensor)``                 a file's alpha for an adapter (a non-scalar is refused, not raised)
 """
 from __future__ import annotations
 
@@ -40,10 +41,10 @@ from comfy.quant.deltas import as_parameter, output_terms
 from comfy.quant.layer import (checked_bias, is_int4, linear_forward, load_linear, move_weight, run_linear_group,
                                save_linear, tie_shared_quant)
 from comfy.quant.errors import QuantFileError
-from comfy.quant.loading import check_complete, check_state_dict
+from comfy.quant.loading import check_state_dict, load_state_dict
 from comfy.quant.safetensors_stream import raise_if_unreadable
-from comfy.quant.patching import (Backup, adapter_problem, check_strength, group_is_patched, patch_problem,
-                                  patch_weight, strength_problem)
+from comfy.quant.patching import (Backup, adapter_problem, check_strength, group_is_patched, lora_alpha,
+                                  patch_problem, patch_weight, strength_problem)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def saveable(sd: dict) -> dict:
     return out
 
 
-__all__ = ["Backup", "adapter_problem", "check_strength", "strength_problem",
-           "as_parameter", "check_complete", "checked_bias", "group_is_patched", "is_int4", "layout_class",
-           "linear_forward", "load_linear", "move_weight", "output_terms", "patch_problem", "patch_weight", "prepare_state_dict",
-           "QuantFileError", "quant_algos", "raise_if_unreadable", "run_linear_group", "save_linear", "saveable", "tie_shared_quant"]
+__all__ = ["Backup", "QuantFileError", "adapter_problem", "as_parameter", "check_strength", "checked_bias",
+           "group_is_patched", "is_int4", "layout_class", "linear_forward", "load_linear", "load_state_dict",
+           "lora_alpha", "move_weight", "output_terms", "patch_problem", "patch_weight", "prepare_state_dict",
+           "quant_algos", "raise_if_unreadable", "run_linear_group", "save_linear", "saveable", "strength_problem",
+           "tie_shared_quant"]

@@ -252,6 +252,15 @@ def _non_finite(t) -> str:
     return f"{nan} NaN and {inf} Inf values (of {t.numel()}), expected finite values"
 
 
+def lora_alpha(value):
+    """A LoRA file's ``<prefix>.alpha`` as an adapter takes it: a number when the tensor holds one value,
+    else the tensor itself, which ``adapter_problem`` refuses naming its shape (a host's ``.item()`` would
+    raise and lose the whole LoRA). For hosts whose ``load_lora`` reads alphas directly."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
+
+
 def _alpha_problem(alpha) -> None:
     if alpha is None:
         return
