@@ -61,7 +61,7 @@ def _layer_json_edits():
     return st.one_of(forged, json_values(), st.integers(1, 200).map(lambda n: "[" * n + "]" * n))
 
 
-def tensor_mutations(sd: dict, meta: dict):
+def tensor_mutations(sd: dict, meta: dict, values=VALUES):
     keys = st.sampled_from(sorted(sd))
     quant_keys = sorted(k for k in sd if k.endswith(".comfy_quant")) or sorted(sd)
     entries = st.sampled_from(sorted(meta) + ["config", "_quantization_metadata"])
@@ -73,10 +73,16 @@ def tensor_mutations(sd: dict, meta: dict):
         st.tuples(st.just("stray"), keys),
         st.tuples(st.just("shape"), keys, st.sampled_from(SHAPES)),
         st.tuples(st.just("dtype"), keys, st.sampled_from(DTYPES)),
-        st.tuples(st.just("value"), keys, frac, st.sampled_from(VALUES)),
+        st.tuples(st.just("value"), keys, frac, st.sampled_from(values)),
         st.tuples(st.just("layer_json"), st.sampled_from(quant_keys), _layer_json_edits()),
         st.tuples(st.just("meta_json"), entries, meta_text),
     )
+
+
+def strengths():
+    """LoRA strengths: in range, at the limit, and the ones a loader must refuse."""
+    return st.one_of(st.sampled_from((math.nan, math.inf, -math.inf, 1e30, 101.0, -100.0, 100.0, 0.0)),
+                     st.floats(-100, 100))
 
 
 def _reshaped(t: torch.Tensor, how: str) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import struct
 import time
@@ -32,8 +33,10 @@ from hypothesis import strategies as st
 
 import comfy.sd
 import comfy.utils
-from comfy.quant.errors import QuantFileError
-from fuzz_mutations import (apply_byte_mutation, apply_tensor_mutation, byte_mutations, tensor_mutations)
+from comfy.quant.errors import LoraError, QuantFileError
+from fuzz_mutations import (apply_byte_mutation, apply_tensor_mutation, byte_mutations, strengths,
+                            tensor_mutations)
+import lora_helpers as H
 from lora_helpers import IN_CH, TXT_DIM, checkpoint
 
 FUZZ_EXAMPLES = int(os.environ.get("COMFY_INT4_FUZZ", "40"))
@@ -98,10 +101,14 @@ def _assert_whole(model, expected, file_sd):
             continue
         src = file_sd[key]
         assert torch.equal(t, src.to(t.dtype) if t.is_floating_point() else src.view(t.dtype)), key
+    _forward(model)
+
+
+def _forward(model):
     x = torch.randn(1, IN_CH // 4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     ctx = torch.randn(1, 3, TXT_DIM, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        model(x, torch.full((1,), 0.5), ctx)
+        return model(x, torch.full((1,), 0.5), ctx)
 
 
 def _file_tensors(path):
@@ -162,6 +169,64 @@ def test_fuzz_nunchaku_checkpoint(tmp_path_factory, mutation):
         assert _expected_tensors(direct) == _expected_tensors(converted)
         for k, v in direct.state_dict().items():
             assert torch.equal(v, converted.state_dict()[k]), k
+
+
+LORA_PATHS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.img_mod.1",
+              "transformer_blocks.1.img_mlp.net.2", "img_in")
+
+
+@pytest.fixture(scope="module")
+def lora_base():
+    """The tiny int4 model (SVDQuant, AWQ and float targets), its state, its output and a valid LoRA."""
+    patcher = H.load_model()
+    lora, _ = H.lora_for(patcher, LORA_PATHS, r=4, alpha=2.0, seed=5)
+    return patcher, H.model_state(patcher), _forward(patcher.model.diffusion_model), lora
+
+
+@FUZZ
+@given(mutation=tensor_mutations(H.lora_for(H.load_model(), LORA_PATHS, r=4, alpha=2.0, seed=5)[0], {},
+                                 values=(math.nan, math.inf, -math.inf, 0.0)),
+       strength=strengths())
+def test_fuzz_lora(lora_base, mutation, strength):
+    """A mutated LoRA at any strength: LoraError (a bad strength) before anything is patched, or the
+    patches that pass the checks apply; patch_model never raises, the finite output stays finite, and
+    unpatching restores every tensor bit for bit."""
+    patcher, state, base_out, clean = lora_base
+    lora = {k: v.clone() for k, v in clean.items()}
+    apply_tensor_mutation(lora, {}, mutation)
+    try:
+        patched = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0)[0]
+    except LoraError:
+        OUTCOMES["LoRA"]["LoraError (strength)"] += 1
+        assert not math.isfinite(strength) or abs(strength) > 100
+        H.assert_same_state(state, H.model_state(patcher))
+        return
+    assert math.isfinite(strength) and abs(strength) <= 100
+    OUTCOMES["LoRA"][f"applied {len(patched.patches)} of {len(LORA_PATHS)} modules"] += 1
+    patched.patch_model()
+    try:
+        out = _forward(patched.model.diffusion_model)
+        assert bool(torch.isfinite(out).all()) or not bool(torch.isfinite(base_out).all())
+    finally:
+        patched.unpatch_model()
+    H.assert_same_state(state, H.model_state(patcher))
+    assert torch.equal(_forward(patcher.model.diffusion_model), base_out)
+
+
+def test_the_lora_property_fails_without_the_checks(lora_base, monkeypatch):
+    """Negative control: with the adapter check switched off, a NaN factor reaches the output."""
+    import comfy.quant.patching
+    patcher, _, base_out, clean = lora_base
+    lora = {k: v.clone() for k, v in clean.items()}
+    apply_tensor_mutation(lora, {}, ("value", "transformer.transformer_blocks.0.attn.to_q.lora_A.weight", 0.0,
+                                     math.nan))
+    monkeypatch.setattr(comfy.quant.patching, "adapter_problem", lambda *a, **k: None)
+    patched = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0)[0]
+    patched.patch_model()
+    try:
+        assert bool(torch.isfinite(base_out).all()) and not bool(torch.isfinite(_forward(patched.model.diffusion_model)).all())
+    finally:
+        patched.unpatch_model()
 
 
 def test_the_mutations_are_not_vacuous(clean_layout, tmp_path):
