@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 
 from comfy.quant.errors import QuantFileError
 
-LORA_STRENGTH_MAX = 100.0  # LoraLoader's strength widget range is [-100, 100]
 EXIT_STATUS = ("exit status: 0 success; 1 inspect found problems, lora-check found keys that did not map or "
                "patches that were refused, install-comfyui --check found it not current; 2 a usage or input error "
                "(one line on stderr: error: <file>: <what>); 3 an internal error (a bug; one line); 130 interrupted. "
@@ -152,8 +150,21 @@ def _checked(kind, ok, expected: str):
 
 RANK = _checked(int, lambda v: v >= 0, "an integer >= 0")
 ALPHA = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-STRENGTH = _checked(float, lambda v: math.isfinite(v) and abs(v) <= LORA_STRENGTH_MAX,
-                    f"a finite number in [-{LORA_STRENGTH_MAX:g}, {LORA_STRENGTH_MAX:g}]")
+def STRENGTH(text):  # noqa: N802 (an argparse type, named like the others)
+    """A LoRA strength, with the loaders' own rule (``comfy.quant.patching.strength_problem``)."""
+    from comfy.quant.patching import MAX_STRENGTH, strength_problem
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or strength_problem(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}], "
+                                         f"got {text!r}")
+    return value
+
+
+STRENGTH.__name__ = "float"
 ITERS = _checked(int, lambda v: v >= 1, "an integer >= 1")
 
 
