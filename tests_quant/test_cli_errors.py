@@ -167,7 +167,9 @@ def _wrong_input(kind, files, d):
 
 
 WRONG_INPUTS = {
-    "unrelated": "not a Qwen-Image model: no transformer_blocks.N.attn.to_q.weight (first keys: down_blocks.0.weight)",
+    "unrelated": "not a supported architecture (Qwen-Image, Z-Image, Flux): none of transformer_blocks.N.attn.to_q.weight "
+                 "(Qwen-Image), layers.N.attention.qkv.weight (Z-Image), double_blocks.N.img_attn.qkv.weight (Flux) "
+                 "(first keys: down_blocks.0.weight)",
     "prefixed": "its keys carry the prefix 'model.diffusion_model.'",
     "no txt_norm": "not a Qwen-Image model: no txt_norm.weight",
     "nunchaku": "a Nunchaku int4 checkpoint, already quantized: convert it with `python -m comfy.quant "

@@ -184,8 +184,13 @@ def _add_demo(sub):
 
 
 def _add_quantize(sub):
-    p = _command(sub, "quantize", help="float Qwen-Image safetensors -> int4 checkpoint")
-    p.add_argument("input", help="a float (bf16/fp16/fp32) ComfyUI Qwen-Image diffusion model .safetensors")
+    p = _command(sub, "quantize", help="float Qwen-Image / Z-Image / Flux.1 safetensors -> int4 checkpoint",
+                 description="Quantize a float ComfyUI diffusion model (Qwen-Image, Z-Image-Turbo or Flux.1, "
+                             "recognised from its keys) into a ComfyUI-native int4 checkpoint, with Nunchaku's "
+                             "layer split: the block linears SVDQuant W4A4, the modulation linears AWQ W4A16 "
+                             "(Qwen-Image, Flux), everything else float (Z-Image's adaLN and refiners too).")
+    p.add_argument("input", help="a float (bf16/fp16/fp32) ComfyUI diffusion model .safetensors "
+                                 "(Qwen-Image, Z-Image or Flux.1; keys without a prefix)")
     p.add_argument("output", help="the int4 .safetensors to write (refused if it exists, unless --force)")
     p.add_argument("--rank", type=RANK, default=32, help="low-rank branch rank of the W4A4 layers (0: none)")
     p.add_argument("--alpha", type=ALPHA, default=0.5, help="smoothing migration strength (with calibration)")

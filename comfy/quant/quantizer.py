@@ -1,16 +1,28 @@
-"""Offline int4 quantizer: a float ComfyUI Qwen-Image state dict → a ComfyUI-native int4 checkpoint.
+"""Offline int4 quantizer: a float ComfyUI diffusion model state dict → a ComfyUI-native int4 checkpoint.
 
-Same split as Nunchaku's Qwen-Image files: the block linears become SVDQuant W4A4, the modulation
-linears (``img_mod.1``, ``txt_mod.1``) AWQ W4A16, everything else stays float.
+Architectures: Qwen-Image, Z-Image(-Turbo) and Flux.1, recognised from the file's key names
+(``comfy.quant.architectures.from_comfy_keys``). Which linear becomes what comes from that module's
+ComfyUI-side layer tables, the same split as Nunchaku's files (nunchaku-format.md §5):
+  Qwen-Image  block linears SVDQuant W4A4 (q/k/v and add_q/k/v jointly), ``img_mod.1`` / ``txt_mod.1`` AWQ W4A16;
+  Z-Image     ``layers.N``: ``attention.qkv``, ``attention.out``, ``feed_forward.w1`` + ``w3`` (jointly: one
+              input), ``feed_forward.w2`` W4A4, all signed; ``adaLN_modulation.0`` and the refiners
+              (``noise_refiner`` / ``context_refiner``, float in Nunchaku's releases) stay float;
+  Flux.1      ``img_mod.lin`` / ``txt_mod.lin`` / ``modulation.lin`` AWQ (planar ComfyUI order); attention
+              qkv / proj, ``mlp.0``, ``mlp.2`` (unsigned) and single ``linear1`` W4A4; single ``linear2`` one
+              W4A4 layer split along K (``in_splits`` [dim, 4·dim], ``act_unsigned`` [false, true]: the
+              attention half of its input is signed, the post-GELU MLP half unsigned).
+Everything else stays float.
 
-SVDQuant, per layer (q/k/v jointly, so they share ``smooth_factor`` and ``proj_down``):
-  smoothing  s_k = a_k^α / w_k^(1−α)  from calibration input absmax a and weight column absmax w
-             (s = 1 without calibration);
+SVDQuant, per layer (a share group jointly, so its members share ``smooth_factor`` and ``proj_down``):
+  smoothing  s_k = a_k^α / w_k^(1−α)  from calibration input absmax a (+0.171875 on unsigned columns) and
+             weight column absmax w (s = 1 without calibration);
   low rank   top-R SVD of W·diag(s): proj_up = U√Σ, proj_down = diag(1/s)·V√Σ, so the branch reads raw x;
   residual   (W − proj_up·proj_downᵀ)·diag(s), rounded per (row, 64-group) to signed int4 [−7, 7];
-  unsigned   post-GELU layers store bias − 0.171875·rowsum(Q/s), Q the dequantized residual: the kernel's
-             shifted main path adds exactly that back. (Nunchaku uses the unquantized residual W − L; the
-             dequantized one also cancels the 0.171875·rowsum(rounding error) offset that leaves behind.)
+  unsigned   layers store bias − 0.171875·Σ_k Q[n,k]/s_k over their unsigned columns k, Q the dequantized
+             residual: the kernel's shifted main path adds exactly that back. (Nunchaku uses the unquantized
+             residual W − L; the dequantized one also cancels the 0.171875·rowsum(rounding error) offset
+             that leaves behind.) An input-split layer's segments share the one low-rank branch (rank R over
+             the whole K) and smooth factor; only the activation grid differs per segment.
 AWQ: per (row, group) asymmetric round-to-nearest on [min, max], ``zeros = min + 8·scale``.
 Scales and factors are rounded to the storage dtype *before* the codes are computed, so the stored
 tensors are self-consistent.
@@ -25,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from comfy.quant import architectures as archs
 from comfy.quant.errors import QuantFileError, QuantizeInputError
 from comfy.quant.formats import decode_config, encode_config, quantization_header
 from comfy.quant.formats.svdquant_w4a4 import GROUP_SIZE, UNSIGNED_SHIFT
@@ -33,16 +46,18 @@ from comfy.quant.safetensors_stream import check_output, entry_bound, open_check
 
 logger = logging.getLogger(__name__)
 
+# Qwen-Image's table under its old names (bench.py and the Qwen-Image tests use them); the facts live in
+# comfy.quant.architectures.
+_QWEN_BLOCK = archs.QWEN_IMAGE.blocks[0]
 BLOCK = re.compile(r"^(transformer_blocks\.\d+)\.(.+)$")
-JOINT = {"attn.to_q": ("attn.to_q", "attn.to_k", "attn.to_v"),
-         "attn.add_q_proj": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
-JOINT_MEMBERS = {m for group in JOINT.values() for m in group}
-SVDQUANT_SINGLE = {"attn.to_out.0", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
-                   "txt_mlp.net.0.proj", "txt_mlp.net.2"}
-UNSIGNED = {"img_mlp.net.2", "txt_mlp.net.2"}
-AWQ = {"img_mod.1", "txt_mod.1"}
+JOINT = {group[0]: group for group in _QWEN_BLOCK.share}
+JOINT_MEMBERS = {m for group in _QWEN_BLOCK.share for m in group}
+SVDQUANT_SINGLE = {rel for rel, layer in _QWEN_BLOCK.layers.items()
+                   if layer.kind == archs.SVDQUANT and rel not in JOINT_MEMBERS}
+UNSIGNED = {rel for rel, layer in _QWEN_BLOCK.layers.items() if layer.act_unsigned is True}
+AWQ = {rel for rel, layer in _QWEN_BLOCK.layers.items() if layer.kind == archs.AWQ}
 FLOAT_DTYPES = ("F16", "BF16", "F32")  # safetensors header dtypes of the weights quantize reads
-TO_Q = re.compile(r"^(.*?)transformer_blocks\.\d+\.attn\.to_q\.weight$")
+SUPPORTED = ", ".join(a.title for a in archs.ARCHITECTURES)
 
 
 @dataclass(frozen=True)
@@ -68,41 +83,77 @@ def _is_int(value) -> bool:
 
 @dataclass(frozen=True)
 class Unit:
-    """One quantization job: ``kind`` is "svdquant" or "awq"; ``paths`` the module paths quantized together."""
+    """One quantization job: ``kind`` is "svdquant" or "awq"; ``paths`` the module paths quantized together;
+    ``layer`` their row of the architecture's layer table (signedness, input splits)."""
 
     kind: str
     paths: tuple[str, ...]
+    layer: archs.Layer | None = None
 
     @property
     def keys(self) -> list[str]:
         return [f"{p}.{s}" for p in self.paths for s in ("weight", "bias")]
 
 
-def plan_units(keys) -> tuple[list[Unit], list[str]]:
-    """Split checkpoint keys into quantization units and float keys passed through."""
+def detect_architecture(keys) -> archs.Architecture | None:
+    """The architecture of a float ComfyUI-layout file from its key names (``architectures.from_comfy_keys``)."""
+    return archs.from_comfy_keys(keys)
+
+
+def _claiming_architecture(keys: list) -> archs.Architecture | None:
+    """For a partial state dict no architecture recognises: the one whose layer tables name most of its weights."""
+    best, most = None, 0
+    for arch in archs.ARCHITECTURES:
+        n = sum(1 for k in keys if k.endswith(".weight") and arch.comfy_layer(k[: -len(".weight")]))
+        if n > most:
+            best, most = arch, n
+    return best
+
+
+def _group_label(group: tuple[str, ...]) -> str:
+    """``q/k/v`` for (attn.to_q, attn.to_k, attn.to_v), ``w3/w1`` for (feed_forward.w3, feed_forward.w1)."""
+    names = [m.rsplit(".", 1)[-1] for m in group]
+    head = os.path.commonprefix(names)
+    head = head[: head.rfind("_") + 1]
+    tail = os.path.commonprefix([n[::-1] for n in names])[::-1]
+    tail = tail[tail.find("_"):] if "_" in tail else ""
+    return "/".join(n[len(head): len(n) - len(tail)] for n in names)
+
+
+def plan_units(keys, arch: archs.Architecture | None = None) -> tuple[list[Unit], list[str]]:
+    """Split checkpoint keys into quantization units and float keys passed through.
+
+    ``arch`` defaults to the one the keys show (or, for a partial state dict, the one whose tables name
+    most of its weights). Blocks Nunchaku's releases keep float (``BlockKind.released_float``) stay float.
+    A share group becomes one unit where its first member appears; a member missing from the keys is a
+    ``QuantizeInputError`` naming it."""
     keys = list(keys)
     present = set(keys)
-    units, claimed = [], set()
-    for key in keys:
+    if arch is None:
+        arch = detect_architecture(keys) or _claiming_architecture(keys)
+    units, claimed, grouped = [], set(), set()
+    for key in keys if arch is not None else ():
         if not key.endswith(".weight"):
             continue
-        m = BLOCK.match(key[: -len(".weight")])
-        if not m:
+        found = arch.comfy_layer(key[: -len(".weight")])
+        if found is None:
             continue
-        block, local = m.groups()
-        if local in JOINT:
-            paths = tuple(f"{block}.{p}" for p in JOINT[local])
-            missing = [p for p in paths if f"{p}.weight" not in present]
-            if missing:
-                raise QuantizeInputError(f"{block}: joint q/k/v quantization needs {missing} (not in the file)",
-                                         tensor=f"{missing[0]}.weight")
-            units.append(Unit("svdquant", paths))
-        elif local in SVDQUANT_SINGLE:
-            units.append(Unit("svdquant", (f"{block}.{local}",)))
-        elif local in AWQ:
-            units.append(Unit("awq", (f"{block}.{local}",)))
-        else:
+        kind, block, rel, layer = found
+        if kind.released_float or layer.kind == archs.FLOAT:
             continue
+        group = kind.share_group(rel)
+        if group is None:
+            units.append(Unit(layer.kind, (f"{block}.{rel}",), layer))
+            continue
+        if (block, group) in grouped:
+            continue
+        grouped.add((block, group))
+        paths = tuple(f"{block}.{p}" for p in group)
+        missing = [p for p in paths if f"{p}.weight" not in present]
+        if missing:
+            raise QuantizeInputError(f"{block}: joint {_group_label(group)} quantization needs {missing} "
+                                     "(not in the file)", tensor=f"{missing[0]}.weight")
+        units.append(Unit(layer.kind, paths, layer))
     for u in units:
         claimed.update(k for k in u.keys if k in present)
     return units, [k for k in keys if k not in claimed]
@@ -128,16 +179,40 @@ def _low_rank(w: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torc
     return u[:, :rank], s[:rank], v[:, :rank]
 
 
-def quantize_svdquant(weights, biases, act_absmax=None, *, act_unsigned=False, options=QuantizeOptions()):
-    """Quantize linears that read the same input → one canonical tensor dict per linear."""
+def _unsigned_columns(k: int, act_unsigned, in_splits) -> tuple[torch.Tensor, bool | list]:
+    """(bool mask (K,) of the input columns read unsigned (after a GELU), act_unsigned as the layer JSON
+    stores it); with ``in_splits`` each segment has its own flag."""
+    if in_splits is None:
+        if not isinstance(act_unsigned, bool):
+            raise ValueError(f"act_unsigned: expected a bool without in_splits, got {act_unsigned!r}")
+        return torch.full((k,), act_unsigned), act_unsigned
+    splits, flags = [int(w) for w in in_splits], [bool(u) for u in act_unsigned]
+    if len(flags) != len(splits) or sum(splits) != k or any(w <= 0 or w % GROUP_SIZE for w in splits):
+        raise ValueError(f"in_splits {splits} / act_unsigned {flags}: expected one flag per segment and segments "
+                         f"that are positive multiples of {GROUP_SIZE} summing to in_features {k}")
+    return torch.cat([torch.full((w,), u) for w, u in zip(splits, flags)]), flags
+
+
+def quantize_svdquant(weights, biases, act_absmax=None, *, act_unsigned=False, in_splits=None,
+                      options=QuantizeOptions()):
+    """Quantize linears that read the same input → one canonical tensor dict per linear.
+
+    ``in_splits`` (segment widths along K, with ``act_unsigned`` a list of one flag per segment) makes an
+    input-split layer (Flux ``linear2``): one smooth factor, low-rank branch and residual over the whole
+    K, each segment's activations quantized with its own signedness at run time, so the calibration shift
+    and the bias compensation apply to the unsigned segments' columns only."""
     dt = options.dtype
     w = torch.cat([x.float() for x in weights], 0)
     n_total, k = w.shape
     if k % GROUP_SIZE:
         raise ValueError(f"in_features {k} is not a multiple of {GROUP_SIZE}")
+    columns, stored_unsigned = _unsigned_columns(k, act_unsigned, in_splits)
+    unsigned, split = bool(columns.any()), not bool(columns.all())
+    if unsigned and (biases is None or any(b is None for b in biases)):
+        raise ValueError("a layer with unsigned activations needs a bias: it carries the shift compensation")
     rank = min(options.rank, n_total, k)
-    if act_absmax is not None and act_unsigned:
-        act_absmax = act_absmax.float() + UNSIGNED_SHIFT
+    if act_absmax is not None and unsigned:  # the kernel quantizes x + 0.171875 on those columns
+        act_absmax = act_absmax.float() + UNSIGNED_SHIFT * columns if split else act_absmax.float() + UNSIGNED_SHIFT
     smooth = smoothing_factor(w, act_absmax, options.smooth_alpha).to(dt)
     s = smooth.float()
     u, sv, v = _low_rank(w * s, rank, options.seed)
@@ -148,6 +223,9 @@ def quantize_svdquant(weights, biases, act_absmax=None, *, act_unsigned=False, o
     scale = (residual.abs().amax(-1) / 7).clamp_min(1e-8).to(dt)
     codes = (residual / scale.float().unsqueeze(-1)).round().clamp(-7, 7).view(n_total, k)
 
+    config = {"format": "svdquant_w4a4", "group_size": GROUP_SIZE, "rank": rank, "act_unsigned": stored_unsigned}
+    if in_splits is not None:
+        config["in_splits"] = [int(x) for x in in_splits]
     out, start = [], 0
     for i, weight in enumerate(weights):
         rows = slice(start, start + weight.shape[0])
@@ -162,12 +240,12 @@ def quantize_svdquant(weights, biases, act_absmax=None, *, act_unsigned=False, o
         bias = biases[i] if biases is not None else None
         if bias is not None:
             bias = bias.float()
-            if act_unsigned:  # the kernel adds 0.171875·rowsum(Q/s) back through the shifted main path
+            if unsigned:  # the kernel adds 0.171875·Σ_k Q[n,k]/s_k (k: unsigned columns) back via the shifted path
                 dequantized = codes[rows].view(-1, k // GROUP_SIZE, GROUP_SIZE) * scale[rows].float().unsqueeze(-1)
-                bias = bias - UNSIGNED_SHIFT * (dequantized.view(-1, k) / s).sum(1)
+                per_column = dequantized.view(-1, k) / s
+                bias = bias - UNSIGNED_SHIFT * (per_column[:, columns] if split else per_column).sum(1)
             t["bias"] = bias.to(dt)
-        t["comfy_quant"] = encode_config({"format": "svdquant_w4a4", "group_size": GROUP_SIZE, "rank": rank,
-                                          "act_unsigned": act_unsigned})
+        t["comfy_quant"] = encode_config(config)
         out.append(t)
     return out
 
@@ -194,6 +272,13 @@ def quantize_awq(weight, bias=None, *, options=QuantizeOptions()):
     return t
 
 
+def _unit_layer(unit: Unit) -> archs.Layer:
+    if unit.layer is not None:
+        return unit.layer
+    found = next((a.comfy_layer(unit.paths[0]) for a in archs.ARCHITECTURES if a.comfy_layer(unit.paths[0])), None)
+    return found[3] if found else archs.Layer(unit.kind)
+
+
 def quantize_unit(unit: Unit, get, calibration=None, options=QuantizeOptions()) -> dict[str, torch.Tensor]:
     """Quantized tensors (``<path>.<key>``) for one unit; ``get(key)`` returns a tensor or None."""
     weights = [get(f"{p}.weight") for p in unit.paths]
@@ -201,9 +286,11 @@ def quantize_unit(unit: Unit, get, calibration=None, options=QuantizeOptions()) 
     if unit.kind == "awq":
         parts = [quantize_awq(weights[0], biases[0], options=options)]
     else:
-        local = BLOCK.match(unit.paths[0]).group(2)
-        act = (calibration or {}).get(unit.paths[0])
-        parts = quantize_svdquant(weights, biases, act, act_unsigned=local in UNSIGNED, options=options)
+        layer = _unit_layer(unit)
+        act = next((calibration[p] for p in unit.paths if p in (calibration or {})), None)
+        splits = layer.input_splits(*weights[0].shape)
+        unsigned = list(layer.act_unsigned) if splits is not None else bool(layer.act_unsigned)
+        parts = quantize_svdquant(weights, biases, act, act_unsigned=unsigned, in_splits=splits, options=options)
     return {f"{p}.{k}": v for p, t in zip(unit.paths, parts) for k, v in t.items()}
 
 
@@ -233,19 +320,22 @@ def _header_bound(units, passthrough, get_shape, metadata) -> int:
     passthrough tensors as they are, the input metadata and one _quantization_metadata line per layer."""
     total = 4096 + sum(len(json.dumps(k)) + len(json.dumps(v)) for k, v in metadata.items())
     for unit in units:
+        split = unit.layer is not None and unit.layer.in_splits is not None  # its JSON lists splits and flags
         for path in unit.paths:
             total += 7 * entry_bound(path + ".weight_smooth_factor", 2) + 2 * (len(json.dumps(path)) + 120)
+            total += 2 * 120 if split else 0
     return total + sum(entry_bound(k, len(get_shape(k))) for k in passthrough)
 
 
 def check_quantizable(keys, metadata, dtype_of, shape_of, options=QuantizeOptions()):
     """``plan_units(keys)`` of a file's header, or ``QuantizeInputError`` when quantize cannot use the file:
-    a Nunchaku or already-quantized checkpoint, not a Qwen-Image model, or linears that are not float or
-    not shaped for int4. ``dtype_of`` / ``shape_of`` read one tensor's header entry."""
+    a Nunchaku or already-quantized checkpoint, not a supported architecture (Qwen-Image, Z-Image, Flux),
+    or linears that are not float or not shaped for int4. ``dtype_of`` / ``shape_of`` read one tensor's
+    header entry."""
     keys = list(keys)
     _check_not_quantized(keys, metadata or {})
-    _check_qwen_image(keys)
-    units, passthrough = plan_units(keys)
+    arch = _check_architecture(keys)
+    units, passthrough = plan_units(keys, arch)
     present = set(keys)
     for unit in units:
         _check_unit(unit, present, dtype_of, shape_of, options)
@@ -261,19 +351,55 @@ def _check_not_quantized(keys: list, metadata: dict) -> None:
     layers = [k for k in keys if k.endswith(".comfy_quant")]
     if layers or "_quantization_metadata" in metadata:
         why = f"'{layers[0]}'" if layers else "metadata '_quantization_metadata'"
-        raise QuantizeInputError(f"already a quantized checkpoint ({why}); quantize takes a float Qwen-Image file",
-                                 tensor=layers[0] if layers else "_quantization_metadata")
+        raise QuantizeInputError(f"already a quantized checkpoint ({why}); quantize takes a float {_titles('or')} "
+                                 "file", tensor=layers[0] if layers else "_quantization_metadata")
 
 
-def _check_qwen_image(keys: list) -> None:
-    prefixes = [m.group(1) for k in keys if (m := TO_Q.match(k))]
-    if prefixes and "" not in prefixes:
-        raise QuantizeInputError(f"not a Qwen-Image diffusion model file: its keys carry the prefix '{prefixes[0]}' "
-                                 "(quantize takes a diffusion_models file, keys starting transformer_blocks.)")
-    missing = "txt_norm.weight" if prefixes else "transformer_blocks.N.attn.to_q.weight"
-    if not prefixes or "txt_norm.weight" not in keys:
-        shown = (", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")) if keys else "none"
-        raise QuantizeInputError(f"not a Qwen-Image model: no {missing} (first keys: {shown})", tensor=missing)
+def _titles(word: str) -> str:
+    titles = [a.title for a in archs.ARCHITECTURES]
+    return ", ".join(titles[:-1]) + f" {word} " + titles[-1]
+
+
+def _readable(pattern: str) -> str:
+    """``^layers\\.\\d+\\.attention\\.qkv\\.weight$`` → ``layers.N.attention.qkv.weight``."""
+    return pattern.strip("^$").replace(r"\d+", "N").replace("\\", "")
+
+
+def _block_key(arch: archs.Architecture) -> str:
+    """The key pattern that best shows ``arch``: its first one inside a block."""
+    return next((p for p in arch.comfy_keys if r"\d+" in p), arch.comfy_keys[0])
+
+
+def _check_architecture(keys: list) -> archs.Architecture:
+    """The supported architecture of a float file's keys, or ``QuantizeInputError`` saying what is off: keys
+    under a prefix, one architecture's keys with some missing (or another family's), or none at all."""
+    arch = detect_architecture(keys)
+    if arch is not None:
+        return arch
+    shown = (", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")) if keys else "none"
+    for arch in archs.ARCHITECTURES:
+        pattern = re.compile(r"^(.+?\.)" + _block_key(arch).lstrip("^"))
+        prefixes = [m.group(1) for k in keys if (m := pattern.match(k))]
+        if prefixes:
+            starts = _readable(arch.blocks[0].comfy_prefix.split("{}")[0])
+            raise QuantizeInputError(f"not a {arch.title} diffusion model file: its keys carry the prefix "
+                                     f"'{prefixes[0]}' (quantize takes a diffusion_models file, keys starting "
+                                     f"{starts})")
+    partial = []
+    for arch in archs.ARCHITECTURES:
+        found = [p for p in arch.comfy_keys if any(re.match(p, k) for k in keys)]
+        if found:
+            partial.append((len(found), -archs.ARCHITECTURES.index(arch), arch))
+    if partial:
+        arch = max(partial, key=lambda t: t[:2])[2]
+        other = next((k for p in arch.comfy_exclude for k in keys if re.match(p, k)), None)
+        if other is not None:
+            raise QuantizeInputError(f"not a {arch.title} model quantize supports: '{other}' belongs to another "
+                                     f"model family (supported: {SUPPORTED})", tensor=other)
+        missing = next(_readable(p) for p in arch.comfy_keys if not any(re.match(p, k) for k in keys))
+        raise QuantizeInputError(f"not a {arch.title} model: no {missing} (first keys: {shown})", tensor=missing)
+    wanted = ", ".join(f"{_readable(_block_key(a))} ({a.title})" for a in archs.ARCHITECTURES)
+    raise QuantizeInputError(f"not a supported architecture ({SUPPORTED}): none of {wanted} (first keys: {shown})")
 
 
 def _check_unit(unit: Unit, present: set, dtype_of, shape_of, options: QuantizeOptions) -> None:
@@ -292,6 +418,21 @@ def _check_unit(unit: Unit, present: set, dtype_of, shape_of, options: QuantizeO
     if len(widths) > 1:
         raise QuantizeInputError(f"{', '.join(unit.paths)}: quantized together, they need one in_features, got "
                                  f"{sorted(widths)}", tensor=f"{unit.paths[0]}.weight", got=sorted(widths))
+    if unit.kind != "svdquant":
+        return
+    layer = _unit_layer(unit)
+    weight = f"{unit.paths[0]}.weight"
+    splits = layer.input_splits(*shape_of(weight))
+    if splits is not None and any(w <= 0 or w % GROUP_SIZE for w in splits):
+        shape = list(shape_of(weight))
+        raise QuantizeInputError(f"tensor '{weight}': its input splits into {list(splits)} (attention | MLP), "
+                                 f"each must be a positive multiple of {GROUP_SIZE}, got shape {shape}",
+                                 tensor=weight, got=shape)
+    if any(layer.act_unsigned if isinstance(layer.act_unsigned, tuple) else [layer.act_unsigned]):
+        absent = next((f"{p}.bias" for p in unit.paths if f"{p}.bias" not in present), None)
+        if absent is not None:
+            raise QuantizeInputError(f"no tensor '{absent}': {unit.paths[0]} reads unsigned (post-GELU) "
+                                     "activations, and its bias carries the shift compensation", tensor=absent)
 
 
 def read_calibration(calibration):
@@ -313,7 +454,7 @@ def check_calibration(calibration, units, shape_of) -> None:
     if not used:
         shown = ", ".join(list(calibration)[:3])
         raise QuantizeInputError(f"calibration names none of the model's {len(widths)} W4A4 layers "
-                                 f"(first entries: {shown}); expected keys like transformer_blocks.0.attn.to_q")
+                                 f"(first entries: {shown}); expected keys like {next(iter(widths), '?')}")
     for key in used:
         t = calibration[key]
         ok = (isinstance(t, torch.Tensor) and t.is_floating_point() and list(t.shape) == [widths[key]]
@@ -383,12 +524,21 @@ def _write(f, out_path: str, units, passthrough, metadata: dict, calibration, op
         writer.finish(dict(metadata, _quantization_metadata=quantization_header(layers)))
 
 
+def _w4a4_module(path: str) -> bool:
+    """Whether ``path`` is a W4A4 linear of a supported architecture's tables (not in a block kept float)."""
+    for arch in archs.ARCHITECTURES:
+        found = arch.comfy_layer(path)
+        if found and found[3].kind == archs.SVDQUANT and not found[0].released_float:
+            return True
+    return False
+
+
 def record_activation_stats(diffusion_model: torch.nn.Module, run) -> dict[str, torch.Tensor]:
-    """Per-input-channel absmax of every quantizable linear's input while ``run()`` executes."""
+    """Per-input-channel absmax of every W4A4 linear's input while ``run()`` executes (any supported
+    architecture: the module paths of the tables; an input-split layer's whole input, split at quantization)."""
     stats, handles = {}, []
     for path, module in diffusion_model.named_modules():
-        m = BLOCK.match(path)
-        if not m or m.group(2) not in (SVDQUANT_SINGLE | JOINT_MEMBERS):
+        if not _w4a4_module(path):
             continue
 
         def hook(_mod, args, path=path):
