@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 
 import comfy.ops
@@ -189,6 +190,19 @@ def hostile_module(kind, path, n, k, seed=0) -> dict:
         w1b = factors(a, b, 3, seed)[1]  # (3, 4) after a (16, 2) w1_a
     return {x + ".lokr_w1_a": w1a, x + ".lokr_w1_b": w1b, x + ".alpha": torch.tensor(2.0),
             x + ".lokr_w2": _poisoned(w2, nan) if kind == "lokr_nan" else w2}
+
+
+def weight_key(path):
+    """The model patcher's key of module ``path``'s weight."""
+    return f"diffusion_model.{path}.weight"
+
+
+@pytest.fixture
+def no_grad():
+    """Run a test under ``torch.no_grad()`` (use it as ``pytestmark = pytest.mark.usefixtures("no_grad")``
+    after importing it into the test module)."""
+    with torch.no_grad():
+        yield
 
 
 def model_state(mp):

@@ -25,6 +25,7 @@ import torch
 import comfy.lora
 import comfy.sd
 import lora_helpers as H
+from lora_helpers import no_grad, weight_key  # noqa: F401 (no_grad: a fixture)
 from comfy import weight_adapter
 from comfy.quant import host
 from comfy.quant.deltas import output_terms
@@ -41,14 +42,7 @@ LAYERS = [QKV[0], SVD, SVD_MLP, AWQ, FLOAT, FLOAT_TXT]
 TARGETS = [SVD, AWQ, FLOAT]
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def _key(path):
-    return f"diffusion_model.{path}.weight"
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def _inputs(mp, paths, seed=0):
@@ -117,7 +111,7 @@ def test_bad_module_refused_rest_applies_exactly(kind, target, caplog):
     with caplog.at_level(logging.WARNING):
         hostile, state = _patched_state(mp, {**good, **bad})
     assert _refusals(caplog, target, H.HOSTILE[kind]), caplog.text  # (a) reported, naming the module and why
-    assert sorted(hostile.patches) == sorted(_key(p) for p in valid)  # refused before anything was queued
+    assert sorted(hostile.patches) == sorted(weight_key(p) for p in valid)  # refused before anything was queued
     H.assert_same_state(before, H.model_state(mp))  # (c) bit-exact after unpatch
     assert _no_output_terms(mp) and not hostile.backup
     H.assert_same_state(_reference(target), state)  # (b) exactly what a LoRA of the valid modules gives
@@ -144,11 +138,11 @@ def test_add_patches_refuses_what_load_lora_would(kind, target, caplog):
     n, k = H.module_of(mp, target).weight.shape
     bad = H.hostile_module(kind, target, n, k, seed=21)
     key_map = comfy.lora.model_lora_keys_unet(mp.model)
-    prefix = next(p for p, t in key_map.items() if t == _key(target) and any(x.startswith(p + ".") for x in bad))
+    prefix = next(p for p, t in key_map.items() if t == weight_key(target) and any(x.startswith(p + ".") for x in bad))
     patcher = mp.clone()
     with caplog.at_level(logging.WARNING):
-        assert patcher.add_patches({_key(target): _unchecked_patch(bad, prefix)}) == []
-    assert _refusals(caplog, _key(target), H.HOSTILE[kind]), caplog.text
+        assert patcher.add_patches({weight_key(target): _unchecked_patch(bad, prefix)}) == []
+    assert _refusals(caplog, weight_key(target), H.HOSTILE[kind]), caplog.text
     assert patcher.patches == {}
 
 
@@ -232,7 +226,7 @@ def test_strength_at_the_limit_applies(strength):
     base = _outputs(mp, xs)
     lora, fac = H.lora_for(mp, paths, seed=42, alpha=1.0)
     patcher, outs = _patched_outputs(mp, lora, xs, strength)
-    assert sorted(patcher.patches) == sorted(_key(p) for p in paths)
+    assert sorted(patcher.patches) == sorted(weight_key(p) for p in paths)
     for p in paths:
         up, down, a = fac[p]
         delta, mag = H.lowrank_delta(xs[p], up, down, strength * a)
@@ -267,7 +261,7 @@ def test_lora_whose_every_patch_is_refused_warns(caplog):
         patcher, _ = comfy.sd.load_lora_for_models(mp, None, H.hostile_module("nan_factor", SVD, n, k), 1.0, 0)
     assert patcher.patches == {}
     assert any("nothing applies" in m and "1 patches were refused" in m for m in caplog.messages), caplog.text
-    assert any(m == f"NOT LOADED {_key(SVD)}" for m in caplog.messages)
+    assert any(m == f"NOT LOADED {weight_key(SVD)}" for m in caplog.messages)
 
 
 # ------------------------------------------------------------------------- one module, two spellings
@@ -284,10 +278,10 @@ def test_two_spellings_of_one_module_first_in_the_file_applies(path, caplog):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             loaded = comfy.lora.load_lora({**a, **b}, key_map, not_loaded=not_loaded, refused=refused)
-        assert list(loaded) == [_key(path)] and sorted(not_loaded) == sorted(b)
+        assert list(loaded) == [weight_key(path)] and sorted(not_loaded) == sorted(b)
         assert [r.reason.startswith("duplicate") for r in refused] == [True]
         for key in b:
-            assert any(key in m and "duplicate" in m and _key(path) in m for m in caplog.messages), (key, caplog.text)
+            assert any(key in m and "duplicate" in m and weight_key(path) in m for m in caplog.messages), (key, caplog.text)
         _, outs = _patched_outputs(mp, {**a, **b}, xs)
         _, only_a = _patched_outputs(mp, a, xs)
         assert torch.equal(outs[path], only_a[path])
@@ -306,8 +300,8 @@ def test_load_lora_reports_malformed_entries_instead_of_raising(caplog):
     not_loaded, refused = [], []
     with caplog.at_level(logging.WARNING):
         loaded = comfy.lora.load_lora(lora, key_map, not_loaded=not_loaded, refused=refused)
-    assert list(loaded) == [_key(QKV[0])]
-    assert sorted(r.target for r in refused) == sorted(_key(p) for p in (QKV[1], QKV[2], SVD_MLP, AWQ))
+    assert list(loaded) == [weight_key(QKV[0])]
+    assert sorted(r.target for r in refused) == sorted(weight_key(p) for p in (QKV[1], QKV[2], SVD_MLP, AWQ))
     assert sorted(not_loaded) == sorted(k for k in lora if QKV[0] not in k)
     for phrase in ("alpha has shape (2,)", "lora_up/B has shape ()", "expected no zero-size dim", "'four' is not"):
         assert phrase in caplog.text, phrase
@@ -324,9 +318,9 @@ def test_lora_check_rows_say_rejected_with_the_reason():
             **H.lora_sd("comfy", FLOAT, *H.factors(256, 64, 2, 48))}  # a second spelling of img_in
     rows, unmapped = lora_check(mp, lora)
     how = {target: text for _, target, text in rows if text.startswith("REJECTED")}
-    assert set(how) == {_key(SVD), _key(AWQ), _key(FLOAT)} and unmapped == []
+    assert set(how) == {weight_key(SVD), weight_key(AWQ), weight_key(FLOAT)} and unmapped == []
     assert all(text.startswith("REJECTED: ") for text in how.values())
-    assert "1 NaN" in how[_key(SVD)] and "alpha has shape (2,)" in how[_key(AWQ)] and "duplicate" in how[_key(FLOAT)]
+    assert "1 NaN" in how[weight_key(SVD)] and "alpha has shape (2,)" in how[weight_key(AWQ)] and "duplicate" in how[weight_key(FLOAT)]
     assert has_problems(rows, unmapped)
 
 

@@ -38,6 +38,7 @@ import comfy.sd
 import comfy.utils
 import comfy_kitchen
 import lora_helpers as H
+from lora_helpers import assert_same_state, model_state, no_grad, weight_key  # noqa: F401 (no_grad: a fixture)
 from comfy.quant import formats
 from comfy.quant.deltas import output_terms
 from factories import prefixed, svdquant_tensors
@@ -53,14 +54,7 @@ QKV = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "tran
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def _key(path):
-    return f"diffusion_model.{path}.weight"
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 class Probes:
@@ -123,15 +117,6 @@ def expect_lowrank(probes, fac, strength):
     return {p: [H.lowrank_delta(probes.x[p], up, down, strength * a)] for p, (up, down, a) in fac.items()}
 
 
-def state(mp):
-    return {k: v.clone() for k, v in mp.model.state_dict().items()}
-
-
-def assert_state_equal(before, after):
-    assert before.keys() == after.keys()
-    for k in before:
-        assert before[k].dtype == after[k].dtype and before[k].shape == after[k].shape, k
-        assert torch.equal(before[k], after[k]), k
 
 
 def has_output_deltas(model):
@@ -171,7 +156,7 @@ def test_lowrank_delta_on_each_target_kind(dtype, path):
     rank0 = mod.weight._params.proj_up.shape[1] if fmt is not None and fmt.name == "svdquant_w4a4" else None
     lora, fac = lora_on([path], style="kohya", r=4, alpha=2.0, seed=3, mp=mp)
     patched, _ = comfy.sd.load_lora_for_models(mp, None, lora, 0.8, 0)
-    assert mp.patches == {} and list(patched.patches) == [_key(path)]
+    assert mp.patches == {} and list(patched.patches) == [weight_key(path)]
     patched.patch_model()
     if rank0 is not None:  # exact: appended to the branch that reads raw x, no extra output term
         assert mod.weight._params.proj_up.shape[1] == rank0 + 4 and not has_output_deltas(mp.model)
@@ -275,7 +260,7 @@ def test_lora_file_namings_map_and_apply(style, alpha, caplog):
     with caplog.at_level(logging.WARNING):
         patched, _ = comfy.sd.load_lora_for_models(mp, None, lora, 1.0, 0)
     assert "not loaded" not in caplog.text.lower(), caplog.text
-    assert sorted(patched.patches) == sorted(_key(p) for p in paths)
+    assert sorted(patched.patches) == sorted(weight_key(p) for p in paths)
     patched.patch_model()
     probes.check(probes.run(), expect_lowrank(probes, fac, 1.0), what=style)
     patched.unpatch_model()
@@ -315,7 +300,7 @@ def test_loha_and_lokr_exact_dense_or_svd(caplog):
     rank0 = {p: dm.get_submodule(p).weight._params.proj_up.shape[1] for p in (SVD_SIGNED, SVD_SIGNED_MLP)}
     strength = 0.9
     patched, _ = comfy.sd.load_lora_for_models(mp, None, lora, strength, 0)
-    assert sorted(patched.patches) == sorted(_key(p) for p in paths)
+    assert sorted(patched.patches) == sorted(weight_key(p) for p in paths)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         patched.patch_model()
@@ -358,7 +343,7 @@ def test_stacked_loras_sum():
     del fac2[AWQ]
     m1, _ = comfy.sd.load_lora_for_models(mp, None, lora1, 1.0, 0)
     m2, _ = comfy.sd.load_lora_for_models(m1, None, lora2, 0.7, 0)
-    assert len(m2.patches[_key(SVD_SIGNED)]) == 2 and len(m1.patches[_key(SVD_SIGNED)]) == 1
+    assert len(m2.patches[weight_key(SVD_SIGNED)]) == 2 and len(m1.patches[weight_key(SVD_SIGNED)]) == 1
     m2.patch_model()
     assert [type(t).__name__ for t in output_terms(probes.mod(AWQ).weight)] == ["LowRankOutput", "DenseOutput"]
     expected = {p: [] for p in paths}
@@ -441,7 +426,7 @@ def test_clone_alternation_is_bit_exact():
 def test_unpatch_restores_every_tensor_bit_exact():
     mp = H.load_model(torch.float32)
     dm = mp.model.diffusion_model
-    before = state(mp)
+    before = model_state(mp)
     shared = dm.get_submodule(QKV[0]).weight._params.proj_down
     lora, _ = lora_on([SVD_SIGNED, SVD_UNSIGNED, QKV[0], QKV[1], AWQ, FLOAT_IMG, FLOAT_TXT], "diffusers", seed=130,
                       mp=mp)
@@ -461,7 +446,7 @@ def test_unpatch_restores_every_tensor_bit_exact():
         assert k in changed, k
     assert has_output_deltas(mp.model)
     patched.unpatch_model()
-    assert_state_equal(before, state(mp))
+    assert_same_state(before, model_state(mp))
     assert has_output_deltas(mp.model) == []
     assert all(dm.get_submodule(p).weight._params.proj_down is shared for p in QKV)
     assert patched.backup == {} and getattr(mp.model, "current_patcher", None) is None
@@ -508,7 +493,7 @@ def test_wrong_shape_pair_skipped_reported_rest_applied(caplog):
     mp = H.load_model(torch.float32)
     paths = [QKV[0], QKV[2], AWQ, FLOAT_IMG, FLOAT_TXT, SVD_SIGNED]
     probes = Probes(mp, paths, torch.float32, seed=12)
-    before = state(mp)
+    before = model_state(mp)
     good, fac = lora_on([QKV[0], FLOAT_IMG, SVD_SIGNED], "diffusers", seed=140, mp=mp)
     bad = {}
     up, down = H.factors(256, 256 + 64, 4, 141)  # K wrong for to_v
@@ -520,7 +505,7 @@ def test_wrong_shape_pair_skipped_reported_rest_applied(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         patched, _ = comfy.sd.load_lora_for_models(mp, None, {**good, **bad}, 1.0, 0)
-    assert sorted(patched.patches) == sorted(_key(p) for p in (QKV[0], FLOAT_IMG, SVD_SIGNED))
+    assert sorted(patched.patches) == sorted(weight_key(p) for p in (QKV[0], FLOAT_IMG, SVD_SIGNED))
     for p in (QKV[2], AWQ, FLOAT_TXT):
         msgs = [r.getMessage() for r in caplog.records if p in r.getMessage() and r.levelno >= logging.WARNING]
         assert any("not" in m.lower() for m in msgs), (p, caplog.text)
@@ -532,7 +517,7 @@ def test_wrong_shape_pair_skipped_reported_rest_applied(caplog):
     probes.check_exactly_unchanged(outs, [AWQ, FLOAT_TXT])
     assert not has_output_deltas(mp.model)
     patched.unpatch_model()
-    assert_state_equal(before, state(mp))
+    assert_same_state(before, model_state(mp))
 
 
 # a LoRA pair whose up/down ranks differ is refused when the file is loaded (a warning naming its keys and
@@ -550,7 +535,7 @@ def test_rank_mismatched_pair_on_int4_is_skipped(caplog):
         patched.patch_model()
     assert any(SVD_SIGNED in r.getMessage() and "rank 5 != 4" in r.getMessage() and r.levelno >= logging.WARNING
                for r in caplog.records)
-    assert list(patched.patches) == [_key(FLOAT_IMG)]
+    assert list(patched.patches) == [weight_key(FLOAT_IMG)]
     outs = probes.run()
     probes.check_exactly_unchanged(outs, [SVD_SIGNED])
     probes.check(outs, expect_lowrank(probes, fac, 1.0), what="rest applied")
@@ -561,7 +546,7 @@ def test_dora_on_int4_refused(dora_path, caplog):
     mp = H.load_model(torch.float32)
     paths = [dora_path, FLOAT_IMG]
     probes = Probes(mp, paths, torch.float32, seed=14)
-    before = state(mp)
+    before = model_state(mp)
     lora, fac = lora_on(paths, "comfy", r=4, alpha=4.0, seed=160, mp=mp)
     lora[f"diffusion_model.{dora_path}.dora_scale"] = torch.rand(1, probes.mod(dora_path).in_features) + 0.5
     del fac[dora_path]
@@ -571,7 +556,7 @@ def test_dora_on_int4_refused(dora_path, caplog):
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("DoRA" in m and dora_path in m for m in errors), caplog.text
     assert any("NOT LOADED" in r.getMessage() and dora_path in r.getMessage() for r in caplog.records), caplog.text
-    assert list(patched.patches) == [_key(FLOAT_IMG)]
+    assert list(patched.patches) == [weight_key(FLOAT_IMG)]
     patched.patch_model()
     outs = probes.run()
     probes.check_exactly_unchanged(outs, [dora_path])
@@ -712,7 +697,7 @@ def _check_patch_then_move(dev):
     assert not has_output_deltas(mp.model)
     for p in paths:
         assert torch.equal(probes.mod(p)(probes.x[p].to(dev)).cpu(), base_dev[p]), p
-    assert_state_equal({k: v.cpu() for k, v in ref.model.state_dict().items()},
+    assert_same_state({k: v.cpu() for k, v in ref.model.state_dict().items()},
                        {k: v.cpu() for k, v in mp.model.state_dict().items()})
 
 
@@ -723,7 +708,7 @@ def test_patch_on_cpu_then_move_to_cuda():
 
 def test_failure_while_patching_leaves_nothing_half_patched(monkeypatch):
     mp = H.load_model(torch.float32)
-    before = state(mp)
+    before = model_state(mp)
     lora, _ = lora_on([FLOAT_IMG, SVD_SIGNED, AWQ], "diffusers", seed=300, mp=mp)
     patched, _ = comfy.sd.load_lora_for_models(mp, None, lora, 1.0, 0)
     awq = formats.get_format("awq_w4a16")
@@ -736,7 +721,7 @@ def test_failure_while_patching_leaves_nothing_half_patched(monkeypatch):
         patched.patch_model()
     assert getattr(mp.model, "current_patcher", None) is None and not patched.backup
     assert not has_output_deltas(mp.model)
-    assert_state_equal(before, state(mp))
+    assert_same_state(before, model_state(mp))
 
 
 def test_lora_check_reports_each_mapping_how_it_applies_and_what_did_not_map():
