@@ -337,18 +337,24 @@ def test_nvfp4_rejected():
                                               ("NunchakuFluxTransformer2dModel", "Flux"),
                                               ("NunchakuSanaTransformer2DModel", "unsupported")])
 def test_unsupported_models_rejected(model_class, what):
+    """A Qwen-Image file whose model_class says another architecture (Z-Image and Flux are supported since
+    issue 11: the error names the first module the other architecture's tables do not know, and the
+    mismatch); an unknown model_class is refused as such."""
     stored, meta, _ = P.build_fake_qwen_image(num_blocks=1)
     with pytest.raises(ValueError, match=what) as exc:
         nk.convert_nunchaku_state_dict(dict(stored), {**meta, "model_class": model_class})
     assert model_class in str(exc.value)
     if what != "unsupported":
-        assert "not supported yet" in str(exc.value)
+        assert "transformer_blocks.0." in str(exc.value) and "keys look like Qwen-Image" in str(exc.value)
 
 
-def test_unsupported_model_from_keys():
+def test_model_from_keys_without_metadata():
+    """No metadata: Z-Image is recognised by its key names (then its incomplete module is reported)."""
     sd = {"layers.0.attention.to_qkv.qweight": torch.zeros(384, 64, dtype=torch.int8)}
-    with pytest.raises(ValueError, match="Z-Image is not supported yet"):
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.to_qkv.*'wscales'.*expected present"):
         nk.convert_nunchaku_state_dict(sd, None)
+    with pytest.raises(ValueError, match="cannot identify the model"):
+        nk.convert_nunchaku_state_dict({"foo.qweight": torch.zeros(128, 64, dtype=torch.int8)}, None)
 
 
 def test_errors_name_module_tensor_expected_got():

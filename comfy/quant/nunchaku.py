@@ -7,7 +7,8 @@ ComfyUI core (and comfy-kitchen) read the natural row-major layout instead:
   even column), ``<L>.weight_scale`` (K/64, N), ``<L>.weight_proj_down`` (K, R),
   ``<L>.weight_proj_up`` (N, R), ``<L>.weight_smooth_factor`` (K,), ``<L>.bias`` (N,) and
   ``<L>.comfy_quant`` (uint8 UTF-8 JSON ``{"format": "svdquant_w4a4", "group_size": 64, "rank": R,
-  "act_unsigned": bool}``).
+  "act_unsigned": bool}``; a layer concatenated along K from parts of different signedness, Flux's
+  ``linear2``, has ``"act_unsigned": [bool, ...]`` and ``"in_splits": [K_0, ...]``, one per input segment).
 * AWQ W4A16 layer ``<L>``: ``<L>.weight`` int8 (N, K/2) unsigned nibbles, ``<L>.weight_scale`` and
   ``<L>.weight_zeros`` (K/64, N) with ``W = (q - 8) * scale + zeros``, ``<L>.bias``, ``<L>.comfy_quant``
   ``{"format": "awq_w4a16", "group_size": 64}``.
@@ -21,7 +22,17 @@ The pure unpack functions (one per tensor kind) live in ``nunchaku_layout`` and 
 :func:`is_nunchaku_checkpoint`, :func:`check_convertible`,
 :func:`convert_nunchaku_state_dict` (in memory, consumes its input) and :func:`convert_nunchaku_file`
 (streams module by module from ``safe_open`` into a safetensors file). Both converters share the
-per-module code below. Only Qwen-Image / Qwen-Image-Edit int4 checkpoints are supported so far.
+per-module code below. Supported: the int4 checkpoints of Qwen-Image / Qwen-Image-Edit, Z-Image(-Turbo) and
+Flux.1, by the tables of ``comfy.quant.architectures`` (module names, splits and concatenations, float renames).
+
+Per architecture: Qwen-Image's fused q/k/v split by rows into ``to_q/k/v``; Z-Image's ``attention.to_qkv``
+kept fused as ``attention.qkv``, ``feed_forward.net.0.proj`` ([w3; w1]) split into ``w3`` and ``w1``, float
+refiners in diffusers layout renamed and concatenated; Flux's modules renamed to ComfyUI's, single-block
+``linear1`` = [qkv_proj; mlp_fc1] (one layer, rank 2R) and ``linear2`` = [out_proj | mlp_fc2] along K (one
+layer, rank 2R, ``act_unsigned: [false, true]`` and ``in_splits: [dim, mlp]`` in its JSON), ``norm_out``'s
+[scale; shift] swapped to ``final_layer.adaLN_modulation.1``'s [shift; scale]. A layer whose smoothing the
+quantizer folded upstream (``smooth_factor`` all ones, ``smooth_factor_orig`` not: every Flux ``out_proj*``)
+gets a warning: an external LoRA on it is off by diag(smooth_factor_orig).
 
 What is checked: the metadata JSON (``config``, ``quantization_config``) parses within the bounds of
 ``comfy.quant.metadata`` and its numbers are integers; every Nunchaku tensor belongs to a module with
@@ -37,12 +48,12 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 import torch
 
+from comfy.quant import architectures as AR
 from comfy.quant import formats
 from comfy.quant.errors import MetadataError, QuantFileError, QuantizedLayerError
 from comfy.quant.metadata import parse_json, parse_object
@@ -144,28 +155,8 @@ def is_nunchaku_checkpoint(keys: Iterable[str], metadata: Mapping | None = None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Model tables
+# Model tables: comfy.quant.architectures (one per architecture, shared with the quantizer)
 # ----------------------------------------------------------------------------------------------
-
-# Qwen-Image / Qwen-Image-Edit: per-block W4A4 module -> ComfyUI module(s) (split by output rows).
-_QWEN_W4A4 = {
-    "attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "attn.add_qkv_proj": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "attn.to_out.0": ("attn.to_out.0",),
-    "attn.to_add_out": ("attn.to_add_out",),
-    "img_mlp.net.0.proj": ("img_mlp.net.0.proj",),
-    "txt_mlp.net.0.proj": ("txt_mlp.net.0.proj",),
-    "img_mlp.net.2": ("img_mlp.net.2",),
-    "txt_mlp.net.2": ("txt_mlp.net.2",),
-    # already separate q/k/v (not in published files, harmless to accept)
-    "attn.to_q": ("attn.to_q",), "attn.to_k": ("attn.to_k",), "attn.to_v": ("attn.to_v",),
-    "attn.add_q_proj": ("attn.add_q_proj",), "attn.add_k_proj": ("attn.add_k_proj",),
-    "attn.add_v_proj": ("attn.add_v_proj",),
-}
-_QWEN_UNSIGNED = frozenset({"img_mlp.net.2", "txt_mlp.net.2"})
-# AWQ modulation: module -> (interleave S, scale slots holding the folded "+1")
-_QWEN_AWQ = {"img_mod.1": (6, (1, 4)), "txt_mod.1": (6, (1, 4))}
-_QWEN_BLOCK_RE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 
 _W4A4_SUFFIXES = ("qweight", "wscales", "smooth_factor", "smooth_factor_orig", "proj_down", "proj_up", "bias")
 _AWQ_SUFFIXES = ("qweight", "wscales", "wzeros", "bias")
@@ -177,42 +168,28 @@ _SIDE_SUFFIXES = frozenset({"wscales", "wzeros", "smooth_factor", "smooth_factor
                             *_LEGACY_ALIASES})
 
 
+def _supported() -> str:
+    return ", ".join(f"{a.model_class} ({a.title})" for a in AR.ARCHITECTURES)
 
-def _detect_model(keys: list[str], metadata: Mapping | None) -> str:
-    """Returns "qwen_image" or raises naming what was found."""
+
+def _detect_model(keys: list[str], metadata: Mapping | None) -> AR.Architecture:
+    """The architecture of a Nunchaku file, from ``model_class`` or else its key names; raises naming what
+    was found."""
     model_class = (metadata or {}).get("model_class")
     if model_class:
-        mc = str(model_class)
-        low = mc.lower()
-        if "qwenimage" in low:
-            return "qwen_image"
-        if "zimage" in low:
+        arch = AR.from_model_class(str(model_class))
+        if arch is None:
             raise NunchakuConversionError(
-                f"Nunchaku checkpoint: model_class '{mc}' (Z-Image) is not supported yet; "
-                "supported: NunchakuQwenImageTransformer2DModel (Qwen-Image, Qwen-Image-Edit)")
-        if "flux" in low:
-            raise NunchakuConversionError(
-                f"Nunchaku checkpoint: model_class '{mc}' (Flux) is not supported yet; "
-                "supported: NunchakuQwenImageTransformer2DModel (Qwen-Image, Qwen-Image-Edit)")
+                f"Nunchaku checkpoint: unsupported model_class '{model_class}'; supported: {_supported()}")
+        return arch
+    arch = AR.from_nunchaku_keys(keys)
+    if arch is None:
         raise NunchakuConversionError(
-            f"Nunchaku checkpoint: unsupported model_class '{mc}'; "
-            "supported: NunchakuQwenImageTransformer2DModel (Qwen-Image, Qwen-Image-Edit)")
-    # No metadata: infer from the key names.
-    if any(".attn.add_qkv_proj." in k or ".img_mod.1." in k for k in keys):
-        return "qwen_image"
-    if any(".attention.to_qkv." in k or ".feed_forward." in k or k.startswith(("noise_refiner.", "context_refiner."))
-           for k in keys):
-        raise NunchakuConversionError(
-            "Nunchaku checkpoint without model_class metadata looks like Z-Image "
-            "(keys 'attention.to_qkv' / 'feed_forward' / refiners): Z-Image is not supported yet")
-    if any(k.startswith("single_transformer_blocks.") or ".qkv_proj_context." in k or ".norm1_context.linear." in k
-           for k in keys):
-        raise NunchakuConversionError(
-            "Nunchaku checkpoint without model_class metadata looks like Flux "
-            "(keys 'single_transformer_blocks' / 'qkv_proj_context'): Flux is not supported yet")
-    raise NunchakuConversionError(
-        "Nunchaku checkpoint: cannot identify the model (no 'model_class' metadata and no Qwen-Image keys "
-        f"such as 'transformer_blocks.0.attn.add_qkv_proj.qweight'); first keys: {sorted(keys)[:5]}")
+            "Nunchaku checkpoint: cannot identify the model (no 'model_class' metadata and no Qwen-Image, Z-Image "
+            "or Flux keys such as 'transformer_blocks.0.attn.add_qkv_proj.qweight', "
+            "'layers.0.attention.to_qkv.qweight' or 'single_transformer_blocks.0.qkv_proj.qweight'); "
+            f"first keys: {sorted(keys)[:5]}")
+    return arch
 
 
 def _check_precision(keys: list[str], qconfig: dict | None) -> None:
@@ -239,24 +216,40 @@ def _check_precision(keys: list[str], qconfig: dict | None) -> None:
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
-class _Unit:
-    kind: str                   # "float", "w4a4" or "awq"
-    name: str                   # input module name (or the key itself for float tensors)
+class _Source:
+    name: str                   # Nunchaku module (or, for a float tensor, its key)
     keys: dict = field(default_factory=dict)  # canonical suffix -> input key ("" for a float tensor)
-    out_names: tuple = ()       # w4a4: ComfyUI module name(s); awq: (name,)
-    act_unsigned: bool = False
+
+
+@dataclass
+class _Unit:
+    """One conversion step: the input modules (or float tensors) that make one group of outputs."""
+    kind: str                   # "float", "w4a4" or "awq"
+    name: str                   # the (first) input module, or float key: what messages name
+    sources: list = field(default_factory=list)  # [_Source], in part order
+    how: str = AR.KEEP          # AR.KEEP | SPLIT_ROWS | CONCAT_ROWS | CONCAT_K (| SWAP_HALVES for floats)
+    out_names: tuple = ()       # ComfyUI layer name(s), or float key(s)
+    act_unsigned: bool | tuple = False
     interleave: int = 0
     scale_slots: tuple = ()
+    inner_rows: bool = False    # SPLIT_ROWS: every part has inner-dim rows (fused q/k/v)
+    layer: AR.Layer | None = None
+    part_names: tuple = ()      # CONCAT_*: the Nunchaku module of every part
+
+    def input_keys(self) -> list[str]:
+        return [key for src in self.sources if src is not None for key in src.keys.values()]
 
 
 @dataclass
 class _Plan:
     model: str
+    arch: AR.Architecture
     inner_dim: int | None
     units: list
     config_str: str | None
     model_class: str | None
     qconfig: dict | None
+    comfy_config: dict | None = None
 
 
 def _config_int(config: dict, name: str) -> int | None:
@@ -267,16 +260,145 @@ def _config_int(config: dict, name: str) -> int | None:
     return value
 
 
-def _inner_dim(config: dict | None, shape_of: Callable[[str], tuple], keys: set) -> int | None:
-    if isinstance(config, dict):
-        heads, head_dim = _config_int(config, "num_attention_heads"), _config_int(config, "attention_head_dim")
-        if heads and head_dim:
-            return heads * head_dim
-    if "img_in.weight" in keys:
-        dim = int(shape_of("img_in.weight")[0])
-        logger.warning("Nunchaku checkpoint has no usable 'config' metadata; inner dim %d taken from img_in.weight", dim)
+def _inner_dim(arch: AR.Architecture, config: dict | None, shape_of: Callable[[str], tuple],
+               keys: set) -> int | None:
+    if isinstance(config, dict) and arch.inner_dim_config:
+        values = [_config_int(config, name) for name in arch.inner_dim_config]
+        if all(values):
+            return math.prod(values)
+    if arch.inner_dim_key and arch.inner_dim_key in keys:
+        dim = int(shape_of(arch.inner_dim_key)[0])
+        logger.warning("Nunchaku checkpoint has no usable 'config' metadata; inner dim %d taken from %s",
+                       dim, arch.inner_dim_key)
         return dim
     return None
+
+
+def _places(arch: AR.Architecture, kinds, awq: bool, limit: int | None = None) -> str:
+    """Where the Nunchaku modules of one kind (AWQ or W4A4) may be, for messages."""
+    out = []
+    for kind in kinds:
+        rels = [rel for rel, spec in kind.modules.items() if (kind.layers[spec.targets[0]].kind == AR.AWQ) == awq]
+        if rels:
+            out.append(f"{kind.nunchaku_prefix.format('N')}.{{{', '.join(rels[:limit])}}}")
+    return " or ".join(out) if out else f"nowhere ({arch.title} has none)"
+
+
+def _quantized_unit(arch: AR.Architecture, src: _Source, concat: dict, hint: str = "") -> _Unit:
+    """The unit of one quantized Nunchaku module (a concatenation's unit is shared by its parts)."""
+    found = arch.nunchaku_block(src.name)
+    kind, nblock, cblock, rel = found if found else (None, "", "", None)
+    spec = kind.modules.get(rel) if kind else None
+    layer = kind.layers[spec.targets[0]] if spec else None
+    is_awq = "wzeros" in src.keys
+    if is_awq:
+        if layer is None or layer.kind != AR.AWQ:
+            raise _err(src.name, "wzeros", f"AWQ W4A16 only on {_places(arch, [kind] if kind else arch.blocks, True)}",
+                       "an AWQ layer elsewhere" + hint)
+        allowed, unit_kind = _AWQ_SUFFIXES, "awq"
+    else:
+        if layer is None or layer.kind != AR.SVDQUANT:
+            raise _err(src.name, "qweight",
+                       f"a {arch.title} SVDQuant W4A4 layer under "
+                       f"{_places(arch, [kind] if kind else arch.blocks, False, 8)}"
+                       + (" (modulation must be AWQ with 'wzeros')" if layer is not None and layer.kind == AR.AWQ
+                          else ""),
+                       "an unknown module" + hint)
+        allowed, unit_kind = _W4A4_SUFFIXES, "w4a4"
+    for canon, key in src.keys.items():
+        if canon not in allowed:
+            raise _err(src.name, key.rpartition(".")[2], f"one of {allowed} for a {unit_kind.upper()} layer",
+                       "an unexpected tensor")
+    required = ("qweight", "wscales", "wzeros") if is_awq else ("qweight", "wscales", "smooth_factor",
+                                                               "proj_down", "proj_up")
+    for r in required:
+        if r not in src.keys:
+            raise _err(src.name, r, "present", "missing")
+    if is_awq and "bias" not in src.keys:
+        raise _err(src.name, "bias", "present (it carries the folded '+1' of the modulation scale)", "missing")
+
+    targets = tuple(f"{cblock}.{t}" for t in spec.targets)
+    if spec.how in (AR.CONCAT_ROWS, AR.CONCAT_K):
+        unit = concat.get(targets[0])
+        if unit is None:
+            names = [None] * spec.parts
+            for other_rel, other in kind.modules.items():
+                if other.targets == spec.targets and other.how == spec.how:
+                    names[other.part] = f"{nblock}.{other_rel}"
+            unit = concat[targets[0]] = _Unit(kind=unit_kind, name=src.name, sources=[None] * spec.parts,
+                                              how=spec.how, out_names=targets, act_unsigned=layer.act_unsigned,
+                                              layer=layer, part_names=tuple(names))
+        unit.sources[spec.part] = src
+        return unit
+    return _Unit(kind=unit_kind, name=src.name, sources=[src], how=spec.how, out_names=targets,
+                 act_unsigned=layer.act_unsigned, interleave=layer.interleave, scale_slots=layer.scale_slots,
+                 inner_rows=spec.inner_rows, layer=layer)
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    module, _, tensor = key.rpartition(".")
+    return module or key, tensor
+
+
+def _float_units(arch: AR.Architecture, keys: list[str]) -> dict:
+    """Float key -> its unit: the architecture's float rules (renames, q/k/v concatenated, [w3; w1] split,
+    halves swapped), module prefix renames, or the key kept as it is."""
+    top = {s: rule for rule in arch.floats for s in rule.sources}
+    pending: dict = {}   # (rule, block) -> (rule, nunchaku block, comfy block, {source: key})
+    out: dict = {}
+    for key in keys:
+        if key in top:
+            rule = top[key]
+            pending.setdefault((id(rule), ""), (rule, "", "", {}))[3][key] = key
+            continue
+        found = arch.nunchaku_block(key)
+        if found:
+            kind, nblock, cblock, rel = found
+            rule = next((r for r in kind.floats if rel in r.sources), None)
+            if rule is not None:
+                pending.setdefault((id(rule), nblock), (rule, nblock + ".", cblock + ".", {}))[3][rel] = key
+                continue
+            target = f"{cblock}.{rel}"
+        else:
+            target = key
+            for prefix, new in arch.renames.items():
+                if key.startswith(prefix + "."):
+                    target = new + key[len(prefix):]
+                    break
+        out[key] = _Unit(kind="float", name=key, sources=[_Source(key, {"": key})], out_names=(target,))
+    for rule, nprefix, cprefix, got in pending.values():
+        missing = [s for s in rule.sources if s not in got]
+        if missing:
+            module, tensor = _split_key(nprefix + missing[0])
+            other = next(iter(got.values()))
+            raise _err(module, tensor, f"present (with '{other}' it makes '{cprefix + rule.targets[0]}')", "missing")
+        full = [got[s] for s in rule.sources]
+        unit = _Unit(kind="float", name=full[0], sources=[_Source(k, {"": k}) for k in full], how=rule.how,
+                     out_names=tuple(cprefix + t for t in rule.targets))
+        for k in full:
+            out[k] = unit
+    return out
+
+
+_LAYER_OUTPUTS = ("weight", "weight_scale", "weight_zeros", "weight_proj_down", "weight_proj_up",
+                  "weight_smooth_factor", "bias", "comfy_quant")
+
+
+def _check_outputs(units: list) -> None:
+    """Two units that would write the same output (a layer twice, or a float tensor over a layer's) are refused
+    before anything is converted."""
+    made: dict = {}
+    for unit in units:
+        if unit.kind == "float":
+            outs = unit.out_names
+        else:
+            outs = tuple(f"{name}.{s}" for name in unit.out_names for s in _LAYER_OUTPUTS)
+        for out in outs:
+            if out in made:
+                first = made[out]
+                module, tensor = (unit.name, "qweight") if unit.kind != "float" else _split_key(unit.name)
+                raise _err(module, tensor, f"the only input that becomes '{out}'", f"'{first}' becomes it too")
+            made[out] = unit.name
 
 
 def _build_plan(keys: Iterable[str], metadata: Mapping | None, shape_of: Callable[[str], tuple]) -> _Plan:
@@ -285,71 +407,62 @@ def _build_plan(keys: Iterable[str], metadata: Mapping | None, shape_of: Callabl
     qconfig = _parse_json_meta(metadata, "quantization_config", strict=True)
     config = _parse_json_meta(metadata, "config", strict=True)
     _check_precision(keys, qconfig if isinstance(qconfig, dict) else None)
-    model = _detect_model(keys, metadata)
-    inner = _inner_dim(config if isinstance(config, dict) else None, shape_of, key_set)
+    arch = _detect_model(keys, metadata)
+    inner = _inner_dim(arch, config if isinstance(config, dict) else None, shape_of, key_set)
 
     modules = {k[: -len(".qweight")] for k in keys if k.endswith(".qweight")}
-    units: list[_Unit] = []
-    by_module: dict[str, _Unit] = {}
+    entries: list = []           # (is_module, name), in the order of each one's first key
+    by_module: dict[str, _Source] = {}
     for key in keys:
         mod, _, suffix = key.rpartition(".")
         if mod in modules:
-            unit = by_module.get(mod)
-            if unit is None:
-                unit = by_module[mod] = _Unit(kind="", name=mod)
-                units.append(unit)
+            src = by_module.get(mod)
+            if src is None:
+                src = by_module[mod] = _Source(mod)
+                entries.append((True, mod))
             canon = _LEGACY_ALIASES.get(suffix, suffix)
-            if canon in unit.keys:
-                raise _err(mod, suffix, "one tensor per kind", f"both '{unit.keys[canon]}' and '{key}'")
-            unit.keys[canon] = key
+            if canon in src.keys:
+                raise _err(mod, suffix, "one tensor per kind", f"both '{src.keys[canon]}' and '{key}'")
+            src.keys[canon] = key
         elif suffix in _SIDE_SUFFIXES:
             raise _err(mod, "qweight", f"present (the module has '{suffix}')", "missing")
         else:
-            units.append(_Unit(kind="float", name=key, keys={"": key}))
+            entries.append((False, key))
 
-    for unit in by_module.values():
-        m = _QWEN_BLOCK_RE.match(unit.name)
-        rel = m.group(2) if m else None
-        prefix = unit.name[: len(unit.name) - len(rel)] if rel else ""
-        is_awq = "wzeros" in unit.keys
-        if is_awq:
-            if rel not in _QWEN_AWQ:
-                raise _err(unit.name, "wzeros", f"AWQ W4A16 only on transformer_blocks.N.{{{', '.join(_QWEN_AWQ)}}}",
-                           "an AWQ layer elsewhere")
-            allowed = _AWQ_SUFFIXES
-            unit.kind = "awq"
-            unit.out_names = (unit.name,)
-            unit.interleave, unit.scale_slots = _QWEN_AWQ[rel]
-        else:
-            if rel not in _QWEN_W4A4:
-                raise _err(unit.name, "qweight",
-                           f"an SVDQuant W4A4 layer under transformer_blocks.N.{{{', '.join(list(_QWEN_W4A4)[:8])}}}"
-                           + (" (modulation must be AWQ with 'wzeros')" if rel in _QWEN_AWQ else ""),
-                           "an unknown module")
-            allowed = _W4A4_SUFFIXES
-            unit.kind = "w4a4"
-            unit.out_names = tuple(prefix + n for n in _QWEN_W4A4[rel])
-            unit.act_unsigned = rel in _QWEN_UNSIGNED
-        for canon, key in unit.keys.items():
-            if canon not in allowed:
-                raise _err(unit.name, key.rpartition(".")[2], f"one of {allowed} for a {unit.kind.upper()} layer",
-                           "an unexpected tensor")
-        required = ("qweight", "wscales", "wzeros") if is_awq else ("qweight", "wscales", "smooth_factor",
-                                                                   "proj_down", "proj_up")
-        for r in required:
-            if r not in unit.keys:
-                raise _err(unit.name, r, "present", "missing")
-        if is_awq and "bias" not in unit.keys:
-            raise _err(unit.name, "bias", "present (it carries the folded '+1' of the modulation scale)", "missing")
+    hint = ""
+    by_keys = AR.from_nunchaku_keys(keys)
+    if by_keys is not None and by_keys is not arch:
+        hint = (f" (the file's model_class '{(metadata or {}).get('model_class')}' says {arch.title}, but its keys "
+                f"look like {by_keys.title})")
+    concat: dict = {}
+    unit_of = {(True, mod): _quantized_unit(arch, src, concat, hint) for mod, src in by_module.items()}
+    for unit in concat.values():
+        for i, src in enumerate(unit.sources):
+            if src is None:
+                other = next(s.name for s in unit.sources if s is not None)
+                raise _err(unit.part_names[i], "qweight",
+                           f"present (part {i + 1} of {len(unit.sources)} of '{unit.out_names[0]}', with '{other}')",
+                           "missing")
+        unit.name = unit.sources[0].name
+    unit_of.update(((False, k), u) for k, u in _float_units(arch, [n for is_mod, n in entries if not is_mod]).items())
+    units, seen = [], set()
+    for entry in entries:
+        unit = unit_of[entry]
+        if id(unit) not in seen:
+            seen.add(id(unit))
+            units.append(unit)
+    _check_outputs(units)
 
     config_str = None
     if metadata and metadata.get("config") is not None:
         raw = metadata["config"]
         config_str = raw if isinstance(raw, str) else json.dumps(raw)
     model_class = (metadata or {}).get("model_class")
-    return _Plan(model=model, inner_dim=inner, units=units, config_str=config_str,
+    comfy_config = _parse_json_meta(metadata, "comfy_config", strict=False)
+    return _Plan(model=arch.name, arch=arch, inner_dim=inner, units=units, config_str=config_str,
                  model_class=str(model_class) if model_class else None,
-                 qconfig=qconfig if isinstance(qconfig, dict) else None)
+                 qconfig=qconfig if isinstance(qconfig, dict) else None,
+                 comfy_config=comfy_config if isinstance(comfy_config, dict) else None)
 
 
 def check_convertible(keys: Iterable[str], metadata: Mapping | None, shape_of: Callable[[str], tuple]) -> dict:
@@ -372,14 +485,16 @@ def value_problems(keys: Iterable[str], metadata: Mapping | None, shape_of: Call
         if unit.kind == "float":
             continue
         checked = (*_VALUE_SLOTS[unit.kind][1], "bias")
-        tensors = {canon: read(key) for canon, key in unit.keys.items() if canon in checked}
-        if unit.kind == "awq":  # the padded group rows are dropped by the conversion: not checked
-            groups = tuple(shape_of(unit.keys["qweight"]))[-1] * 2 // AWQ_GROUP_SIZE
-            tensors.update({n: tensors[n][:groups] for n in ("wscales", "wzeros") if tensors[n].dim() == 2})
-        try:
-            warnings.extend(f"Nunchaku module '{unit.name}': {w}" for w in _check_values(unit, tensors))
-        except NunchakuConversionError as e:
-            problems.append(str(e))
+        for src in unit.sources:
+            tensors = {canon: read(key) for canon, key in src.keys.items() if canon in checked}
+            if unit.kind == "awq":  # the padded group rows are dropped by the conversion: not checked
+                groups = tuple(shape_of(src.keys["qweight"]))[-1] * 2 // AWQ_GROUP_SIZE
+                tensors.update({n: tensors[n][:groups] for n in ("wscales", "wzeros") if tensors[n].dim() == 2})
+            try:
+                warnings.extend(f"Nunchaku module '{src.name}': {w}"
+                                for w in _check_values(unit.kind, src.name, tensors))
+            except NunchakuConversionError as e:
+                problems.append(str(e))
     return problems, warnings
 
 
@@ -405,29 +520,31 @@ _VALUE_SLOTS = {
 }
 
 
-def _check_values(unit: _Unit, t: dict) -> list[str]:
+def _check_values(kind: str, module: str, t: dict) -> list[str]:
     """The target format's value rules (``QuantFormat.check_values``' per-slot rules) on a module's stored
     tensors, plus a finite bias: ``NunchakuConversionError`` on a refused value; the warnings as text."""
-    fmt_name, slots = _VALUE_SLOTS[unit.kind]
+    fmt_name, slots = _VALUE_SLOTS[kind]
     fmt = formats.get_format(fmt_name)
     warnings = []
     try:
         for name, key in slots.items():
             if name in t:
-                warning = check_slot_values(fmt.slot(key), unit.name, t[name], name)
+                warning = check_slot_values(fmt.slot(key), module, t[name], name)
                 if warning is not None:
                     warnings.append(warning)
         if "bias" in t:
-            check_finite(unit.name, "bias", t["bias"])
+            check_finite(module, "bias", t["bias"])
     except QuantizedLayerError as e:
-        raise _err(unit.name, e.tensor, e.expected, e.got) from None
+        raise _err(module, e.tensor, e.expected, e.got) from None
     for warning in warnings:
-        logger.info("Nunchaku module '%s': %s", unit.name, warning)
+        logger.info("Nunchaku module '%s': %s", module, warning)
     return warnings
 
 
-def _convert_w4a4(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
-    mod = unit.name
+def _w4a4_natural(mod: str, t: dict, targets: tuple) -> dict:
+    """One Nunchaku W4A4 module checked (shapes, dtypes, values) and unpacked to kitchen's natural layout:
+    ``weight`` (packed), ``weight_scale``, ``weight_smooth_factor``, ``weight_proj_down``, ``weight_proj_up``,
+    ``bias`` (or None), with ``n``, ``k``, ``rank``."""
     qweight = t["qweight"]
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise _err(mod, "qweight", "int8 (N, K/2)", f"{qweight.dtype} {tuple(qweight.shape)}")
@@ -454,27 +571,138 @@ def _convert_w4a4(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
             logger.warning(
                 "Nunchaku layer '%s': smooth_factor is all ones but smooth_factor_orig is not: the quantizer folded "
                 "this layer's smoothing upstream (into the V rows of the qkv projection). The converted model runs "
-                "as Nunchaku does, but an external LoRA on '%s' (or on attn.to_v) is off by diag(smooth_factor_orig).",
-                mod, mod)
-    _check_values(unit, t)
+                "as Nunchaku does, but an external LoRA on '%s' (ComfyUI '%s', or on the V rows of the qkv "
+                "projection) is off by diag(smooth_factor_orig).", mod, mod, "', '".join(targets))
+    _check_values("w4a4", mod, t)
+    return {"weight": unpack_w4a4_qweight_packed(qweight), "weight_scale": unpack_w4a4_wscales(wscales),
+            "weight_smooth_factor": unpack_chunk16(smooth), "weight_proj_down": unpack_proj_down(down),
+            "weight_proj_up": unpack_proj_up(up), "bias": unpack_chunk16(bias) if bias is not None else None,
+            "n": n, "k": k, "rank": int(rank)}
 
-    w_packed = unpack_w4a4_qweight_packed(qweight)
-    scales = unpack_w4a4_wscales(wscales)
-    smooth_n = unpack_chunk16(smooth)
-    down_n = unpack_proj_down(down)
-    up_n = unpack_proj_up(up)
-    bias_n = unpack_chunk16(bias) if bias is not None else None
 
+def _w4a4_json(rank: int, act_unsigned, in_splits=None) -> dict:
+    conf = {"format": "svdquant_w4a4", "group_size": W4A4_GROUP_SIZE, "rank": int(rank),
+            "act_unsigned": list(act_unsigned) if isinstance(act_unsigned, tuple) else bool(act_unsigned)}
+    if in_splits is not None:
+        conf["in_splits"] = [int(x) for x in in_splits]
+    return conf
+
+
+def _layer_out(name: str, tensors: dict, jcfg: dict) -> list:
+    out = [(f"{name}.{s}", tensors[s]) for s in ("weight", "weight_scale", "weight_proj_down", "weight_proj_up",
+                                                  "weight_smooth_factor")]
+    if tensors.get("bias") is not None:
+        out.append((f"{name}.bias", tensors["bias"]))
+    out.append((f"{name}.comfy_quant", encode_config(jcfg)))
+    return out
+
+
+def _same_dtypes(unit: _Unit, nats: list) -> None:
+    """The parts of one concatenated layer hold each tensor kind in one dtype (``torch.cat`` would promote)."""
+    first = unit.sources[0].name
+    for src, nat in zip(unit.sources[1:], nats[1:]):
+        for name, canon in (("weight_scale", "wscales"), ("weight_smooth_factor", "smooth_factor"),
+                            ("weight_proj_down", "proj_down"), ("weight_proj_up", "proj_up"), ("bias", "bias")):
+            a, b = nats[0][name], nat[name]
+            if a is not None and b is not None and a.dtype != b.dtype:
+                raise _err(src.name, canon, f"dtype {a.dtype} (as '{first}': parts of one layer)", f"dtype {b.dtype}")
+
+
+def _block_diagonal(mats: list) -> torch.Tensor:
+    out = mats[0].new_zeros(sum(m.shape[0] for m in mats), sum(m.shape[1] for m in mats))
+    r = c = 0
+    for m in mats:
+        out[r:r + m.shape[0], c:c + m.shape[1]] = m
+        r, c = r + m.shape[0], c + m.shape[1]
+    return out
+
+
+def _concat_rows(unit: _Unit, nats: list) -> tuple[list, dict]:
+    """Parts on the output axis (Flux ``linear1`` = [qkv_proj; mlp_fc1]): one layer of rank ΣR with
+    ``proj_down`` side by side, ``proj_up`` block-diagonal, the one smooth factor the parts share."""
+    first = unit.sources[0].name
+    for src, nat in zip(unit.sources[1:], nats[1:]):
+        if nat["k"] != nats[0]["k"]:
+            raise _err(src.name, "qweight", f"K={nats[0]['k']} (as '{first}': the parts read one input)",
+                       f"K={nat['k']}")
+    _same_dtypes(unit, nats)
+    for src, nat in zip(unit.sources[1:], nats[1:]):
+        if not torch.equal(nat["weight_smooth_factor"], nats[0]["weight_smooth_factor"]):
+            raise _err(src.name, "smooth_factor", f"the smooth_factor of '{first}' (the parts of "
+                                                  f"'{unit.out_names[0]}' read one input and share it)",
+                       "different values")
+    biases = [nat["bias"] for nat in nats]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        src = unit.sources[[b is None for b in biases].index(True)]
+        raise _err(src.name, "bias", "present (the other parts of the layer have one)", "missing")
+    tensors = {"weight": torch.cat([nat["weight"] for nat in nats], 0),
+               "weight_scale": torch.cat([nat["weight_scale"] for nat in nats], 1),
+               "weight_proj_down": torch.cat([nat["weight_proj_down"] for nat in nats], 1),
+               "weight_proj_up": _block_diagonal([nat["weight_proj_up"] for nat in nats]),
+               "weight_smooth_factor": nats[0]["weight_smooth_factor"],
+               "bias": None if biases[0] is None else torch.cat(biases, 0)}
+    jcfg = _w4a4_json(sum(nat["rank"] for nat in nats), unit.act_unsigned)
+    name = unit.out_names[0]
+    return _layer_out(name, tensors, jcfg), {name: jcfg}
+
+
+def _concat_k(unit: _Unit, nats: list) -> tuple[list, dict]:
+    """Parts on the input axis (Flux ``linear2`` = [out_proj | mlp_fc2]): one layer of rank ΣR with
+    ``proj_down`` block-diagonal, ``proj_up`` side by side, the biases summed (fp32, rounded once), and the
+    JSON's ``act_unsigned`` list and ``in_splits`` saying what each input segment is."""
+    first = unit.sources[0].name
+    n = nats[0]["n"]
+    for src, nat in zip(unit.sources[1:], nats[1:]):
+        if nat["n"] != n:
+            raise _err(src.name, "qweight", f"N={n} (as '{first}': the parts make one output)", f"N={nat['n']}")
+    _same_dtypes(unit, nats)
+    splits = tuple(nat["k"] for nat in nats)
+    want = unit.layer.input_splits(n, sum(splits)) if unit.layer is not None else None
+    if want is not None and tuple(want) != splits:
+        raise _err(first, "qweight", f"K={want[0]} (the input segments of '{unit.out_names[0]}' are {list(want)})",
+                   f"K={splits[0]} (segments {list(splits)})")
+    present = [nat["bias"] for nat in nats if nat["bias"] is not None]
+    if not present:
+        bias = None
+    elif len(present) == 1:
+        bias = present[0]
+    else:
+        total = present[0].to(torch.float32)
+        for b in present[1:]:
+            total = total + b.to(torch.float32)
+        bias = total.to(present[0].dtype)
+    tensors = {"weight": torch.cat([nat["weight"] for nat in nats], 1),
+               "weight_scale": torch.cat([nat["weight_scale"] for nat in nats], 0),
+               "weight_proj_down": _block_diagonal([nat["weight_proj_down"] for nat in nats]),
+               "weight_proj_up": torch.cat([nat["weight_proj_up"] for nat in nats], 1),
+               "weight_smooth_factor": torch.cat([nat["weight_smooth_factor"] for nat in nats], 0),
+               "bias": bias}
+    act = unit.act_unsigned if isinstance(unit.act_unsigned, tuple) else (unit.act_unsigned,) * len(nats)
+    jcfg = _w4a4_json(sum(nat["rank"] for nat in nats), act, splits)
+    name = unit.out_names[0]
+    return _layer_out(name, tensors, jcfg), {name: jcfg}
+
+
+def _convert_w4a4(unit: _Unit, parts: list, plan: _Plan) -> tuple[list, dict]:
+    nats = [_w4a4_natural(src.name, t, unit.out_names) for src, t in zip(unit.sources, parts)]
+    if unit.how == AR.CONCAT_ROWS:
+        return _concat_rows(unit, nats)
+    if unit.how == AR.CONCAT_K:
+        return _concat_k(unit, nats)
+    mod, nat = unit.name, nats[0]
+    n = nat["n"]
+    w_packed, scales, smooth_n = nat["weight"], nat["weight_scale"], nat["weight_smooth_factor"]
+    down_n, up_n, bias_n = nat["weight_proj_down"], nat["weight_proj_up"], nat["bias"]
     parts = len(unit.out_names)
     if parts > 1:
-        if plan.inner_dim is not None and n != parts * plan.inner_dim:
+        if unit.inner_rows and plan.inner_dim is not None and n != parts * plan.inner_dim:
             raise _err(mod, "qweight", f"N = {parts} x inner dim {plan.inner_dim} = {parts * plan.inner_dim} "
                                        "(fused q/k/v, dims from the 'config' metadata)", f"N={n}")
         if n % parts:
-            raise _err(mod, "qweight", f"N divisible by {parts} (fused q/k/v)", f"N={n}")
+            what = "fused q/k/v" if unit.inner_rows else f"split into {', '.join(unit.out_names)}"
+            raise _err(mod, "qweight", f"N divisible by {parts} ({what})", f"N={n}")
     step = n // parts
-    jcfg = {"format": "svdquant_w4a4", "group_size": W4A4_GROUP_SIZE, "rank": int(rank),
-            "act_unsigned": bool(unit.act_unsigned)}
+    jcfg = _w4a4_json(nat["rank"], unit.act_unsigned)
     out, layers = [], {}
     for i, name in enumerate(unit.out_names):
         rows = slice(i * step, (i + 1) * step)
@@ -491,7 +719,8 @@ def _convert_w4a4(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
     return out, layers
 
 
-def _convert_awq(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
+def _convert_awq(unit: _Unit, parts: list, plan: _Plan) -> tuple[list, dict]:
+    t = parts[0]
     mod = unit.name
     s = unit.interleave
     qweight, wscales, wzeros, bias = t["qweight"], t["wscales"], t["wzeros"], t["bias"]
@@ -522,7 +751,7 @@ def _convert_awq(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
             logger.warning("Nunchaku AWQ layer '%s': padded group rows %d..%d of wscales/wzeros are not zero; "
                            "dropping them anyway (K=%d gives %d groups)", mod, groups, wscales.shape[0] - 1, k, groups)
         wscales, wzeros = wscales[:groups], wzeros[:groups]
-    _check_values(unit, {"wscales": wscales, "wzeros": wzeros, "bias": bias})
+    _check_values("awq", mod, {"wscales": wscales, "wzeros": wzeros, "bias": bias})
 
     codes = awq_deinterleave(unpack_awq_qweight(qweight), s, dim=0)
     weight = pack_int4(codes)
@@ -540,13 +769,41 @@ def _convert_awq(unit: _Unit, t: dict, plan: _Plan) -> tuple[list, dict]:
     return out, {name: dict(jcfg)}
 
 
-def _convert_unit(unit: _Unit, tensors: dict, plan: _Plan) -> tuple[list, dict]:
-    """tensors: canonical suffix -> tensor (for a float unit: "" -> tensor)."""
+def _float_tensor_of(unit: _Unit, i: int) -> tuple[str, str]:
+    return _split_key(unit.sources[i].name)
+
+
+def _convert_float(unit: _Unit, parts: list) -> list:
+    """A float unit: renamed, or q/k/v concatenated, [w3; w1] split by rows, halves swapped (exact)."""
+    ts = [p[""] for p in parts]
+    if unit.how == AR.KEEP:
+        return [(unit.out_names[0], ts[0])]
+    if unit.how == AR.CONCAT_ROWS:
+        for i, t in enumerate(ts[1:], 1):
+            if t.dim() == 0 or t.dim() != ts[0].dim() or t.shape[1:] != ts[0].shape[1:] or t.dtype != ts[0].dtype:
+                module, tensor = _float_tensor_of(unit, i)
+                raise _err(module, tensor, f"{ts[0].dtype} (*, {', '.join(map(str, ts[0].shape[1:]))}) as "
+                                           f"'{unit.sources[0].name}' (concatenated into '{unit.out_names[0]}')",
+                           f"{t.dtype} {tuple(t.shape)}")
+        return [(unit.out_names[0], torch.cat(ts, 0))]
+    t, parts_n = ts[0], (len(unit.out_names) if unit.how == AR.SPLIT_ROWS else 2)
+    if t.dim() == 0 or t.shape[0] % parts_n:
+        module, tensor = _float_tensor_of(unit, 0)
+        into = ", ".join(unit.out_names) if unit.how == AR.SPLIT_ROWS else "two halves to swap"
+        raise _err(module, tensor, f"rows divisible by {parts_n} (split into {into})", f"shape {tuple(t.shape)}")
+    chunks = [c.contiguous() for c in t.chunk(parts_n, 0)]
+    if unit.how == AR.SPLIT_ROWS:
+        return list(zip(unit.out_names, chunks))
+    return [(unit.out_names[0], torch.cat(chunks[::-1], 0))]   # SWAP_HALVES
+
+
+def _convert_unit(unit: _Unit, parts: list, plan: _Plan) -> tuple[list, dict]:
+    """parts: one dict per source, canonical suffix -> tensor (for a float source: "" -> tensor)."""
     if unit.kind == "float":
-        return [(unit.name, tensors[""])], {}
+        return _convert_float(unit, parts), {}
     if unit.kind == "w4a4":
-        return _convert_w4a4(unit, tensors, plan)
-    return _convert_awq(unit, tensors, plan)
+        return _convert_w4a4(unit, parts, plan)
+    return _convert_awq(unit, parts, plan)
 
 
 def _output_metadata(plan: _Plan, layers: dict) -> dict:
@@ -558,6 +815,8 @@ def _output_metadata(plan: _Plan, layers: dict) -> dict:
         source["model_class"] = plan.model_class
     if plan.qconfig is not None:
         source["quantization_config"] = plan.qconfig
+    if plan.comfy_config is not None:
+        source["comfy_config"] = plan.comfy_config
     meta["converted_from"] = json.dumps(source)
     return meta
 
@@ -598,7 +857,7 @@ def convert_nunchaku_state_dict(sd: dict, metadata: Mapping | None = None,
     bar = _progress(len(plan.units), progress, "Converting Nunchaku checkpoint")
     try:
         for unit in plan.units:
-            tensors = {canon: sd.pop(key) for canon, key in unit.keys.items()}
+            tensors = [{canon: sd.pop(key) for canon, key in src.keys.items()} for src in unit.sources]
             out, lay = _convert_unit(unit, tensors, plan)
             del tensors
             for name, tensor in out:
@@ -623,10 +882,11 @@ def _header_bound(plan: _Plan, get_shape: Callable[[str], tuple], metadata_sizes
     total = metadata_sizes + 4096
     for unit in plan.units:
         fan = max(1, len(unit.out_names))
-        for key in unit.keys.values():
+        for key in unit.input_keys():
             total += fan * (entry_bound(key, len(get_shape(key))) + 32)
         if unit.kind != "float":
-            total += fan * 2 * (len(json.dumps(unit.name)) + 32 + 240)
+            longest = max(len(json.dumps(n)) for n in (unit.name, *unit.out_names))
+            total += fan * 2 * (longest + 32 + 240)
     return total
 
 
@@ -681,7 +941,7 @@ def _convert_open_file(f, in_path: str, out_path: str, progress: bool) -> dict:
     try:
         with streaming_file(out_path, _header_bound(plan, get_shape, meta_size)) as writer:
             for unit in plan.units:
-                tensors = {canon: f.get_tensor(key) for canon, key in unit.keys.items()}
+                tensors = [{canon: f.get_tensor(key) for canon, key in src.keys.items()} for src in unit.sources]
                 out, lay = _convert_unit(unit, tensors, plan)
                 del tensors
                 for name, tensor in out:
