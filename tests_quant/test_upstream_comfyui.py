@@ -8,6 +8,7 @@ exists.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 import upstream_env as U
@@ -364,3 +365,51 @@ def test_hostile_files_through_upstream_loaders(comfyui, models, tmp_path):
     for tag in ("nan strength", "huge strength"):
         assert loras[tag]["type"] == "LoraError" and "nothing was patched" in loras[tag]["message"], loras[tag]
     assert loras["corrupt"]["type"] == "UnreadableFileError", loras["corrupt"]
+
+
+
+# ------------------------------------------------------------------------------- Z-Image and Flux.1
+def _arch_models(arch, d):
+    """A models folder holding the tiny Nunchaku file of ``arch`` (arch_fixtures); its native layers."""
+    import safetensors.torch
+
+    import arch_fixtures as A
+    (d / "diffusion_models").mkdir(parents=True)
+    (d / "loras").mkdir()
+    nat = A.natural_int4(arch, seed=7)
+    sd, meta = A.to_nunchaku(nat)
+    name = f"svdq-int4_r32-tiny-{arch}.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "diffusion_models" / name),
+                                metadata=meta)
+    return name, A.native_layers(nat)
+
+
+@pytest.mark.parametrize("arch", ["zimage", "flux"])
+def test_nunchaku_zimage_and_flux_load_through_unet_loader(comfyui, tmp_path, arch):
+    """Upstream's ``UNETLoader`` on a tiny Nunchaku Z-Image / Flux.1 file (converted while loading): the int4
+    layers are exactly those the conversion must give (``arch_fixtures.native_layers``: Z-Image's qkv / out /
+    w1 / w3 / w2, Flux's qkv / proj / mlp / modulation and the single blocks' fused linear1 and K-split
+    linear2), each a kitchen ``QuantizedTensor`` in a ``MixedPrecisionOps.Linear``, and each layer's output
+    on a seeded input is within ``kernel_tolerance`` of the float64 reference from the native tensors."""
+    from reference import kernel_tolerance
+    name, layers = _arch_models(arch, tmp_path / "models")
+    xs = _inputs(layers, 4000)
+    r = U.run_in_comfyui(comfyui.path, "load", tmp_path, models_dir=tmp_path / "models",
+                         inputs=_save({f"{arch}:{p}": x for p, x in xs.items()}, tmp_path / "inputs.safetensors"),
+                         files={arch: name})
+    assert not r["errors"], U.format_errors(r["errors"])
+    info = r["files"][arch]
+    assert set(info["layers"]) == set(layers), (sorted(set(layers) ^ set(info["layers"])))
+    got = U.scenario_tensors(r)
+    dtype = U.dtype_from_name(info["dtype"])
+    worst = 0.0
+    for p, (t, conf) in layers.items():
+        assert info["layers"][p]["module_class"].endswith("MixedPrecisionOps.Linear"), p
+        x, y = got[f"x.{arch}:{p}"], got[f"y.{arch}:{p}"]
+        ref, mag = U.int4_reference(x, t, conf, dtype)
+        tol = kernel_tolerance(mag, dtype, U.accumulation_length(t, conf))
+        err = (y.double() - ref).abs()
+        assert bool((err <= tol).all()), f"{arch} {p}: err/tol {U.worst_ratio(err, tol):.3f}"
+        worst = max(worst, U.worst_ratio(err, tol))
+    print(f"[{arch}] model {info['model_class']}, {len(layers)} int4 layers, dtype {info['dtype']}, "
+          f"worst err/bound {worst:.3g}")

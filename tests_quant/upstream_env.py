@@ -255,9 +255,10 @@ def in_features(tensors) -> int:
 # ------------------------------------------------------------------------------------ expectations
 def int4_reference(x, tensors, conf, dtype):
     """(float64 reference output, Σ|terms|) of an int4 layer from its stored tensors (reference.py)."""
-    from reference import awq_forward, svdquant_forward
-    if conf["format"] == "svdquant_w4a4":
-        return svdquant_forward(x, tensors, bool(conf["act_unsigned"]), tensors.get("bias"), dtype)
+    from reference import awq_forward
+    if conf["format"] == "svdquant_w4a4":  # plain or split along K (Flux linear2)
+        from arch_fixtures import w4a4_reference
+        return w4a4_reference(x, tensors, conf, dtype)
     if conf["format"] == "awq_w4a16":
         return awq_forward(x, tensors, int(conf["group_size"]), tensors.get("bias"))
     raise ValueError(conf)
