@@ -474,6 +474,48 @@ def scenario_save(rec, params):
         mm.unload_all_models()
 
 
+def scenario_lora_layers(rec, params):
+    """``LoraLoaderModelOnly`` with each of ``params["loras"]`` ({tag: [name, strength]}) on one model: the
+    probed layers' outputs on the given inputs unpatched ("base"), per LoRA, and after every model is
+    unloaded ("after"); the patched keys per LoRA; the state dict before vs after."""
+    import safetensors.torch
+    import torch
+    import comfy.model_management as mm
+    import nodes
+    _setup_folders(params)
+    inputs = safetensors.torch.load_file(params["inputs"])
+    with rec.step("load"):
+        base = _load_unet(params["model"])
+        dm = base.model.diffusion_model
+        dtype = _compute_dtype(base)
+        rec.result["dtype"] = _dtype_name(dtype)
+        before = _state_dict_copy(dm)
+
+    def probe(tag, patcher):
+        mm.load_models_gpu([patcher])
+        for p in params["probes"]:
+            with torch.no_grad():
+                rec.put(f"{tag}:{p}", patcher.model.diffusion_model.get_submodule(p)(inputs[p].to(dtype)))
+
+    if not rec.ok("load"):
+        return
+    with rec.step("base"):
+        probe("base", base)
+        for p in params["probes"]:
+            rec.put(f"x:{p}", inputs[p].to(dtype))
+    rec.result["patched"] = {}
+    for tag, (name, strength) in params["loras"].items():
+        with rec.step(tag):
+            patched = nodes.LoraLoaderModelOnly().load_lora_model_only(base, name, strength)[0]
+            rec.result["patched"][tag] = sorted(patched.patches)
+            probe(tag, patched)
+            del patched
+    with rec.step("after"):
+        mm.unload_all_models()
+        probe("after", base)
+        rec.result["unpatch"] = _compare_state_dicts(before, _state_dict_copy(dm))
+
+
 def _outcome(fn):
     """What a user meets: ``{"outcome": "ok", "value": fn()}`` or the error's type, its classes and message."""
     try:
@@ -587,7 +629,8 @@ def scenario_arch_keys(rec, params):
 
 
 SCENARIOS = {"smoke": scenario_smoke, "load": scenario_load, "lora": scenario_lora, "sample": scenario_sample,
-             "save": scenario_save, "hostile": scenario_hostile, "arch_keys": scenario_arch_keys}
+             "save": scenario_save, "hostile": scenario_hostile,
+             "lora_layers": scenario_lora_layers, "arch_keys": scenario_arch_keys}
 
 
 def main(argv):
