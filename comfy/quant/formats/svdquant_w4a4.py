@@ -3,6 +3,21 @@
 A LoRA is appended to the low-rank branch (``proj_down ← [proj_down | Aᵀ]``, ``proj_up ← [proj_up | s·B]``),
 which adds exactly ``s·(x Aᵀ) Bᵀ`` with no extra kernel. Siblings sharing one activation quantization
 (q/k/v) get the same stacked ``proj_down`` and zero-padded ``proj_up`` columns, so sharing survives.
+
+Input-split (K-split) layers. A layer whose input is the concatenation of parts with different
+activation signedness (Flux's single-block ``linear2``: the attention output, signed, then the GELU
+output, unsigned) is ONE layer with its tensors concatenated along K and the JSON
+``"act_unsigned": [false, true], "in_splits": [K1, K2]`` (each a multiple of 64, summing to K). Its
+semantics: each part's activation is quantized per 64-group with its own signedness (an unsigned part
+is shifted by 0.171875), the main path is the sum over the parts, the low-rank branch reads the whole
+raw input once, the bias is added once. The loaded weight is one kitchen ``QuantizedTensor`` whose
+``act_unsigned`` field holds an ``InputSplit`` instead of a bool (it travels through moves, ties and
+LoRA rebuilds like any other field, and refuses to be read as a bool, so a kitchen call on the whole
+layer raises instead of running one part on the wrong grid). Kitchen runs one signedness per call, so
+its path runs one call per part on K-slices of the stored tensors (codes columns, scale rows, smooth,
+proj_down rows with the full proj_up: the parts' low-rank terms sum to the whole branch) and sums the
+parts in fp32 with the bias; the project's Triton kernel quantizes each part with its own signedness
+into one code buffer and runs the GEMM and the low-rank branch once over the whole K.
 """
 from __future__ import annotations
 
@@ -28,6 +43,40 @@ DENSE_MAX_RANK = 128
 DENSE_REL_TOL = 1e-3
 
 
+@dataclasses.dataclass(frozen=True)
+class InputSplit:
+    """The ``act_unsigned`` of an input-split layer: part widths along K and each part's signedness."""
+
+    in_splits: tuple[int, ...]
+    unsigned: tuple[bool, ...]
+
+    def __bool__(self):
+        raise TypeError("an input-split SVDQuant layer has one act_unsigned per input part "
+                        f"({list(self.unsigned)} over {list(self.in_splits)}); run it through its format "
+                        "(comfy.quant.formats), not as one kitchen call")
+
+    def runs(self) -> tuple[tuple[int, int, bool], ...]:
+        """``(start, stop, unsigned)`` column ranges, neighbouring parts of one signedness merged (the
+        64-groups quantize independently, so a merged run computes exactly what its parts do)."""
+        out, start = [], 0
+        for width, unsigned in zip(self.in_splits, self.unsigned):
+            if out and out[-1][2] == unsigned:
+                out[-1] = (out[-1][0], start + width, unsigned)
+            else:
+                out.append((start, start + width, unsigned))
+            start += width
+        return tuple(out)
+
+    def json(self) -> dict:
+        return {"act_unsigned": list(self.unsigned), "in_splits": list(self.in_splits)}
+
+
+def input_split(qt) -> InputSplit | None:
+    """The ``InputSplit`` of an SVDQuant weight, or None for a layer of one signedness."""
+    au = qt._params.act_unsigned
+    return au if isinstance(au, InputSplit) else None
+
+
 class SVDQuantW4A4(QuantFormat):
     name = "svdquant_w4a4"
     layout = kitchen.SVDQUANT_LAYOUT
@@ -46,20 +95,54 @@ class SVDQuantW4A4(QuantFormat):
         rank = conf.get("rank")
         if rank is not None and (not is_int(rank) or rank < 0):
             raise QuantizedLayerError(layer, "comfy_quant.rank", "a non-negative integer", repr(rank))
+        if "in_splits" in conf or isinstance(conf.get("act_unsigned"), list):
+            act_unsigned, in_splits = self._parse_split(conf, layer)
+            return {"format": self.name, "group_size": GROUP_SIZE, "rank": rank, "act_unsigned": act_unsigned,
+                    "in_splits": in_splits}
         if "act_unsigned" in conf:
             act_unsigned = conf["act_unsigned"]
             if not isinstance(act_unsigned, bool):
-                raise QuantizedLayerError(layer, "comfy_quant.act_unsigned", "true or false", repr(act_unsigned))
+                raise QuantizedLayerError(layer, "comfy_quant.act_unsigned",
+                                          "true or false (or a list of them, with in_splits)", repr(act_unsigned))
         else:
             act_unsigned = bool(POST_GELU_LAYERS.search(layer))
             if act_unsigned:
                 logger.info("%s: comfy_quant has no act_unsigned; assuming true for a post-GELU layer", layer)
         return {"format": self.name, "group_size": GROUP_SIZE, "rank": rank, "act_unsigned": act_unsigned}
 
+    @staticmethod
+    def _parse_split(conf: dict, layer: str) -> tuple[list[bool], list[int]]:
+        """``act_unsigned`` (a list of bools) and ``in_splits`` (positive multiples of 64, one per part) of an
+        input-split layer; their sum is checked against the layer's width in ``validate``."""
+        au, splits = conf.get("act_unsigned"), conf.get("in_splits")
+        if not isinstance(splits, list) or not splits or not all(is_int(w) for w in splits):
+            raise QuantizedLayerError(layer, "comfy_quant.in_splits",
+                                      "a non-empty list of input widths beside a list act_unsigned",
+                                      "nothing" if splits is None else repr(splits)[:200])
+        if not all(w > 0 and w % GROUP_SIZE == 0 for w in splits):
+            raise QuantizedLayerError(layer, "comfy_quant.in_splits",
+                                      f"positive multiples of the group size {GROUP_SIZE}", repr(splits)[:200])
+        if not isinstance(au, list) or not all(isinstance(v, bool) for v in au):
+            raise QuantizedLayerError(layer, "comfy_quant.act_unsigned",
+                                      "a list of true/false, one per in_splits part",
+                                      "nothing" if au is None else repr(au)[:200])
+        if len(au) != len(splits):
+            raise QuantizedLayerError(layer, "comfy_quant.act_unsigned",
+                                      f"{len(splits)} values (one per in_splits part)", f"{len(au)}: {au!r}"[:200])
+        return list(au), list(splits)
+
+    def validate(self, layer, tensors, out_features, in_features, conf):
+        splits = conf.get("in_splits")
+        if splits is not None and sum(splits) != in_features:
+            raise QuantizedLayerError(layer, "comfy_quant.in_splits", f"parts summing to in_features {in_features}",
+                                      f"{splits} (sum {sum(splits)})")
+        return super().validate(layer, tensors, out_features, in_features, conf)
+
     def config_json(self, qt) -> dict:
         p = qt._params
-        return {"format": self.name, "group_size": GROUP_SIZE, "rank": int(p.proj_down.shape[1]),
-                "act_unsigned": bool(p.act_unsigned)}
+        conf = {"format": self.name, "group_size": GROUP_SIZE, "rank": int(p.proj_down.shape[1])}
+        split = input_split(qt)
+        return {**conf, **split.json()} if split is not None else {**conf, "act_unsigned": bool(p.act_unsigned)}
 
     def expected_shapes(self, out_features, in_features, conf, tensors):
         n, k = out_features, in_features
@@ -76,7 +159,8 @@ class SVDQuantW4A4(QuantFormat):
     def layout_params(self, side, conf):
         return {"scale": side["weight_scale"], "proj_down": side["weight_proj_down"],
                 "proj_up": side["weight_proj_up"], "smooth_factor": side["weight_smooth_factor"],
-                "act_unsigned": conf["act_unsigned"]}
+                "act_unsigned": (InputSplit(tuple(conf["in_splits"]), tuple(conf["act_unsigned"]))
+                                 if "in_splits" in conf else conf["act_unsigned"])}
 
     def state_dict(self, qt):
         p = qt._params
@@ -84,22 +168,58 @@ class SVDQuantW4A4(QuantFormat):
                 "weight_proj_up": p.proj_up, "weight_smooth_factor": p.smooth_factor}
 
     def share_key(self, qt):
+        """Equal for weights on the same smoothing and ``proj_down`` tensors with the same signedness; an
+        input-split layer's key holds its whole split, so it shares only with an identically split one."""
         p = qt._params
-        return (self.name, p.smooth_factor.data_ptr(), p.proj_down.data_ptr(), bool(p.act_unsigned))
+        split = input_split(qt)
+        return (self.name, p.smooth_factor.data_ptr(), p.proj_down.data_ptr(),
+                split if split is not None else bool(p.act_unsigned))
 
     def forward(self, x, qt, bias):
         kernel = kernels.w4a4_kernel(x.device)
         if kernel is not None and kernel.supports(x, qt):
-            return kernel.linear(x, qt, bias)
+            return kernel.linear(x, qt, bias)  # runs input-split layers natively
+        if input_split(qt) is not None:
+            return self._split_forward(x, qt, bias)
         return super().forward(x, qt, bias)
 
     def grouped_forward(self, x, weights, biases):
         kernel = kernels.w4a4_kernel(x.device)
         if kernel is not None and all(kernel.supports(x, w) for w in weights):
             return kernel.grouped_linear(x, weights, biases)
+        if input_split(weights[0]) is not None:  # kitchen shares one signedness only: one layer at a time
+            return [self.forward(x, w, b) for w, b in zip(weights, biases)]
         # callers check share_key on the resident weights; copies moved to x's device for this call
         # hold equal but distinct tensors, so kitchen is told to trust that check
         return kitchen.kitchen_tensor.svdquant_w4a4_grouped_linear(x, weights, biases, assume_shared_quant=True)
+
+    def _part(self, qt, start: int, stop: int, unsigned: bool):
+        """A plain kitchen weight for input columns ``start:stop`` of ``qt``: its codes (a contiguous copy:
+        kitchen's kernels read the weight densely), weight-scale rows, smoothing and ``proj_down`` rows
+        (views) and the full ``proj_up``, with one signedness."""
+        p = qt._params
+        n = qt._qdata.shape[0]
+        params = dataclasses.replace(
+            p, scale=p.scale[start // GROUP_SIZE:stop // GROUP_SIZE], orig_shape=(n, stop - start),
+            proj_down=p.proj_down[start:stop], smooth_factor=p.smooth_factor[start:stop], act_unsigned=unsigned)
+        return kitchen.QuantizedTensor(qt._qdata[:, start // 2:stop // 2].contiguous(), self.layout, params)
+
+    def _split_forward(self, x, qt, bias):
+        """Kitchen's path for an input-split layer: one kitchen call per run of one signedness on its
+        slices (``_part``), the parts' outputs and the bias summed in fp32, rounded once to x's dtype.
+        The parts' low-rank terms (``x_i @ proj_down[i] @ proj_upᵀ``) sum to the whole branch."""
+        runs = input_split(qt).runs()
+        if len(runs) == 1:  # one signedness over all of K: the plain layer
+            p = qt._params
+            whole = kitchen.QuantizedTensor(qt._qdata, self.layout, dataclasses.replace(p, act_unsigned=runs[0][2]))
+            return torch.nn.functional.linear(x, whole, bias)
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        acc = None if bias is None else bias.float()
+        for start, stop, unsigned in runs:
+            y = torch.nn.functional.linear(x2[:, start:stop].contiguous(), self._part(qt, start, stop, unsigned))
+            acc = y.float() if acc is None else acc + y.float()
+        return acc.to(x.dtype).reshape(*lead, acc.shape[-1])
 
     def tie(self, weights):
         """Rebuild ``weights`` so equal ``smooth_factor``/``proj_down`` become one tensor (shared quant)."""
@@ -108,6 +228,12 @@ class SVDQuantW4A4(QuantFormat):
             w._params, smooth_factor=first.smooth_factor, proj_down=first.proj_down)) for w in weights]
 
     def can_tie(self, weights) -> bool:
+        splits = [input_split(w) for w in weights]
+        if any(sp is not None for sp in splits):  # only identically split layers; kitchen compares the rest
+            if any(sp != splits[0] for sp in splits):
+                return False
+            weights = [kitchen.QuantizedTensor(w._qdata, self.layout,
+                                               dataclasses.replace(w._params, act_unsigned=False)) for w in weights]
         return kitchen.kitchen_tensor.svdquant_w4a4_can_share_quant(weights, validate=True)
 
     def describe_delta(self, rank):

@@ -9,7 +9,10 @@ factor, absmax/7 or absmax/15, division, round half to even, clamp), so the code
 bit-identical to ``comfy_kitchen.quantize_svdquant_w4a4``. Codes are stored one per byte, each group
 as its 32 even columns then its 32 odd columns (the order of the weight's low and high nibbles);
 scales as fp32 ``(K/64, M_pad)``; rows are padded to a multiple of 256 with zero codes and scales,
-as kitchen pads them.
+as kitchen pads them. An input-split layer (``act_unsigned`` one per input part, e.g. Flux's
+``linear2``) is quantized one launch per part, each with its own signedness, into the same code and
+scale buffers: the codes are int8 either way (signed [-7, 7] or unsigned [0, 15]), so the GEMM below
+runs the whole K at once and its bound |D_g| ≤ 64·15·8 covers both kinds of group.
 
 ``gemm``: ``y = Σ_g a[m,g]·w[g,n]·D_g[m,n] + lora_act @ proj_upᵀ + bias`` with ``D_g`` the exact int32
 dot product of group g. ``D_g`` becomes fp32 without a conversion instruction: the tensor cores
@@ -49,14 +52,15 @@ def _round(v, BF16: tl.constexpr):
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, smooth_ptr, q_ptr, s_ptr, M, M_pad, K, stride_xm, eps,
+def _quantize_kernel(x_ptr, smooth_ptr, q_ptr, s_ptr, M, M_pad, K, stride_xm, eps, G0,
                      SHIFTED: tl.constexpr, QMAX: tl.constexpr, QMIN: tl.constexpr, BF16: tl.constexpr,
                      BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, SHUFFLE: tl.constexpr):
+    # groups G0 + program_id(1)·GROUPS + i (G0: the first group of this launch's input part)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     real = rows < M
     c = tl.arange(0, 64)
     for i in tl.static_range(GROUPS):
-        g = tl.program_id(1) * GROUPS + i
+        g = G0 + tl.program_id(1) * GROUPS + i
         x = tl.load(x_ptr + rows[:, None] * stride_xm + (g * 64 + c)[None, :], mask=real[:, None], other=0.0)
         xf = x.to(tl.float32)
         if SHIFTED:
@@ -216,25 +220,42 @@ def padded_rows(m: int) -> int:
     return -(-m // ROW_PAD) * ROW_PAD
 
 
-def quantize(x: torch.Tensor, smooth: torch.Tensor, act_unsigned: bool,
+def quantize(x: torch.Tensor, smooth: torch.Tensor, act_unsigned,
              config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Int4 codes (one per byte, nibble order) ``(M_pad, K)`` int8 and scales ``(K/64, M_pad)`` fp32 of ``x`` (M, K).
 
-    ``x`` is the raw input: the 0.171875 shift of an unsigned layer is applied here.
+    ``x`` is the raw input: the 0.171875 shift of an unsigned layer is applied here. ``act_unsigned`` is
+    a bool for the whole input, or ``((start, stop, unsigned), ...)`` covering K in 64-aligned parts,
+    each quantized with its own signedness (``segments``).
     """
     m, k = x.shape
     m_pad = padded_rows(m)
     q = torch.empty(m_pad, k, dtype=torch.int8, device=x.device)
     s = torch.empty(k // GROUP, m_pad, dtype=torch.float32, device=x.device)
-    cfg = dict(QUANT_CONFIG if config is None else config)
-    if (k // GROUP) % cfg["GROUPS"]:
-        cfg["GROUPS"] = 1
-    grid = (m_pad // cfg["BLOCK_M"], k // GROUP // cfg["GROUPS"])
-    _launcher(_quantize_kernel, x.device)[grid](
-        x, smooth, q, s, m, m_pad, k, x.stride(0), _EPS[x.dtype],
-        SHIFTED=act_unsigned, QMAX=15.0 if act_unsigned else 7.0, QMIN=0.0 if act_unsigned else -7.0,
-        BF16=x.dtype == torch.bfloat16, **cfg)
+    parts = ((0, k, act_unsigned),) if isinstance(act_unsigned, bool) else tuple(act_unsigned)
+    starts, stops = [a for a, _, _ in parts], [b for _, b, _ in parts]
+    if starts != [0] + stops[:-1] or stops[-1] != k or any(b <= a or a % GROUP or b % GROUP
+                                                          for a, b in zip(starts, stops)):
+        raise ValueError(f"quantize: parts {parts} do not cover K={k} in consecutive 64-aligned ranges")
+    launch = _launcher(_quantize_kernel, x.device)
+    for start, stop, unsigned in parts:
+        groups = (stop - start) // GROUP
+        cfg = dict(QUANT_CONFIG if config is None else config)
+        if groups % cfg["GROUPS"]:
+            cfg["GROUPS"] = 1
+        grid = (m_pad // cfg["BLOCK_M"], groups // cfg["GROUPS"])
+        launch[grid](x, smooth, q, s, m, m_pad, k, x.stride(0), _EPS[x.dtype], start // GROUP,
+                     SHIFTED=unsigned, QMAX=15.0 if unsigned else 7.0, QMIN=0.0 if unsigned else -7.0,
+                     BF16=x.dtype == torch.bfloat16, **cfg)
     return q, s
+
+
+def segments(weight) -> tuple[tuple[int, int, bool], ...]:
+    """``((start, stop, unsigned), ...)``: the input parts of one signedness of an SVDQuant weight (one
+    part unless its ``act_unsigned`` is an input split, which lists its own ``runs()``)."""
+    au = weight._params.act_unsigned
+    runs = getattr(au, "runs", None)
+    return tuple(runs()) if runs is not None else ((0, weight._qdata.shape[1] * 2, bool(au)),)
 
 
 # kitchen clamps absmax at 1e-10 in the compute dtype
@@ -287,7 +308,7 @@ def supports(x: torch.Tensor, weight) -> bool:
 
 def _side(weight):
     p = weight._params
-    return weight._qdata, p.scale, p.proj_down, p.proj_up, p.smooth_factor, bool(p.act_unsigned)
+    return weight._qdata, p.scale, p.proj_down, p.proj_up, p.smooth_factor, segments(weight)
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -297,13 +318,15 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
 
 def grouped_linear(x: torch.Tensor, weights, biases) -> list[torch.Tensor]:
     """One output per weight; the weights share ``smooth_factor``, ``proj_down`` and ``act_unsigned``
-    (the caller checked), so the activation is quantized once and the low-rank input computed once."""
-    _, _, proj_down, _, smooth, unsigned = _side(weights[0])
+    (the caller checked), so the activation is quantized once and the low-rank input computed once.
+    An input-split weight's parts are quantized each with its own signedness; the GEMM, the low-rank
+    branch (on the whole raw input) and the bias run once over the whole K."""
+    _, _, proj_down, _, smooth, parts = _side(weights[0])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    q, s = quantize(x2, smooth, unsigned)
+    q, s = quantize(x2, smooth, parts)
     la = lora_activation(x2, proj_down) if proj_down.shape[1] else None
     outs = []
     for w, b in zip(weights, biases):
