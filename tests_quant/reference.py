@@ -143,3 +143,48 @@ def awq_kernel_tolerance(y, mag, dtype, k, group_size, split):
     that, for the bias addition's own rounding."""
     u = unit_roundoff(dtype)
     return 2 * (2 * u * y.abs() + (group_size + 2 * (k // group_size) + split + 4) * 2.0 ** -24 * mag) + 1e-30
+
+
+def activation_codes(x_main: torch.Tensor, smooth: torch.Tensor, unsigned: bool, dtype: torch.dtype):
+    """The codes (M, K) and per-group scales (M, K/64) that ``quantize_activation`` multiplies, float64
+    (the same arithmetic: division by ``smooth`` and by the scale in ``dtype``, round half to even, clamp)."""
+    xs = x_main.to(dtype) / smooth.to(dtype)
+    m, k = xs.shape
+    g = xs.view(m, k // 64, 64)
+    qmax, qmin = (15, 0) if unsigned else (7, -7)
+    scale = g.abs().amax(-1).clamp(min=1e-10) / qmax
+    codes = (g / scale.unsqueeze(-1)).round().clamp(qmin, qmax)
+    return codes.double().view(m, k), scale.double()
+
+
+def split_activation_codes(x: torch.Tensor, t: dict, in_splits, act_unsigned, dtype: torch.dtype):
+    """An input-split layer's activation codes (M, K) and scales (M, K/64), float64: input part i (columns
+    of width ``in_splits[i]``) quantized with its own signedness ``act_unsigned[i]`` (an unsigned part
+    shifted by 0.171875 first, in the input's dtype), per 64-group, with its own smoothing columns.
+    ``w4a4_gemm_reference(codes, scales, t, x, bias)`` is then the layer's float64 output."""
+    x2 = x.reshape(-1, x.shape[-1])
+    codes, scales, start = [], [], 0
+    for width, unsigned in zip(in_splits, act_unsigned):
+        part = x2[:, start:start + width]
+        c, s = activation_codes(part + UNSIGNED_SHIFT if unsigned else part,
+                                t["weight_smooth_factor"][start:start + width], unsigned, dtype)
+        codes.append(c)
+        scales.append(s)
+        start += width
+    return torch.cat(codes, 1), torch.cat(scales, 1)
+
+
+def w4a4_split_tolerance(mag: torch.Tensor, dtype: torch.dtype, k: int, parts: int) -> torch.Tensor:
+    """Elementwise bound for kitchen's path of an input-split layer: one plain kitchen call per input
+    part i (its own K_i columns, no bias), the parts' outputs and the bias then summed in fp32 and
+    rounded once to ``dtype``.
+
+    Part i is a plain SVDQuant layer, so its error is within ``kernel_tolerance(mag_i, dtype, K_i)``
+    (the bound plain layers are held to) with ``mag_i`` its Σ|terms|; that bound is linear in mag and
+    grows with k, so the parts together stay within ``kernel_tolerance(Σ mag_i, dtype, K)``. The
+    ``parts`` fp32 additions (the other parts and the bias) add ≤ parts·2⁻²⁴·Σ|summands| and the final
+    rounding u·|y|; both summands and |y| are within mag (+ the parts' own errors, far below mag), taken
+    as 2u + (parts + 1)·2⁻²⁴ of mag. ``mag`` = Σ_i mag_i + |bias|, what ``arch_fixtures.w4a4_reference``
+    returns."""
+    u = unit_roundoff(dtype)
+    return kernel_tolerance(mag, dtype, k) + (2 * u + (parts + 1) * 2.0 ** -24) * mag
