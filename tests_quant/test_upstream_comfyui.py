@@ -415,28 +415,41 @@ def test_nunchaku_zimage_and_flux_load_through_unet_loader(comfyui, tmp_path, ar
           f"worst err/bound {worst:.3g}")
 
 
-# (LoRA module path as trainers write it, naming style, rank, alpha) -> (ComfyUI layer, row offset or None)
+ZD = 384        # arch_fixtures.tiny_config("zimage").dim
+FD, FM = 256, 1024  # tiny Flux hidden size and MLP width
+# (LoRA module path as trainers write it, naming style, rank, alpha) -> (ComfyUI layer, (row start, rows) or None)
 ZIMAGE_LORA = {
-    ("layers.0.attention.to_q", "diffusers", 4, 2.0): ("layers.0.attention.qkv", 0),
-    ("layers.0.attention.to_k", "comfy", 4, 4.0): ("layers.0.attention.qkv", 1),
-    ("layers.0.attention.to_v", "diffusers", 8, 8.0): ("layers.0.attention.qkv", 2),
+    ("layers.0.attention.to_q", "diffusers", 4, 2.0): ("layers.0.attention.qkv", (0, ZD)),
+    ("layers.0.attention.to_k", "comfy", 4, 4.0): ("layers.0.attention.qkv", (ZD, ZD)),
+    ("layers.0.attention.to_v", "diffusers", 8, 8.0): ("layers.0.attention.qkv", (2 * ZD, ZD)),
     ("layers.0.attention.to_out.0", "comfy", 4, 1.0): ("layers.0.attention.out", None),
     ("layers.1.feed_forward.w1", "diffusers", 4, 2.0): ("layers.1.feed_forward.w1", None),
     ("layers.1.feed_forward.w3", "diffusers", 4, 2.0): ("layers.1.feed_forward.w3", None),
     ("layers.1.feed_forward.w2", "comfy", 4, 2.0): ("layers.1.feed_forward.w2", None),
 }
+FLUX_LORA = {
+    ("transformer_blocks.0.attn.to_q", "diffusers", 4, 2.0): ("double_blocks.0.img_attn.qkv", (0, FD)),
+    ("transformer_blocks.0.attn.add_k_proj", "diffusers", 4, 4.0): ("double_blocks.0.txt_attn.qkv", (FD, FD)),
+    ("transformer_blocks.0.norm1.linear", "diffusers", 4, 2.0): ("double_blocks.0.img_mod.lin", None),
+    ("double_blocks.1.img_mlp.2", "kohya", 8, 8.0): ("double_blocks.1.img_mlp.2", None),
+    ("single_transformer_blocks.0.attn.to_v", "diffusers", 4, 2.0): ("single_blocks.0.linear1", (2 * FD, FD)),
+    ("single_transformer_blocks.0.proj_mlp", "diffusers", 4, 1.0): ("single_blocks.0.linear1", (3 * FD, FM)),
+    ("single_transformer_blocks.1.proj_out", "diffusers", 4, 2.0): ("single_blocks.1.linear2", None),
+    ("single_blocks.1.modulation.lin", "comfy", 4, 2.0): ("single_blocks.1.modulation.lin", None),
+}
+UNTOUCHED_ARCH = {"zimage": "layers.1.attention.qkv", "flux": "double_blocks.1.txt_attn.proj"}
 
 
 def _lora_file(path, table, layers, seed):
-    """A LoRA with one pair per entry of ``table`` (shapes from the target layers, a row third of a fused
-    qkv) and {entry: (up, down, alpha/rank)} as stored (bf16)."""
+    """A LoRA with one pair per entry of ``table`` (shapes from the target layers and row ranges) and
+    {entry: (up, down, alpha/rank)} as stored (bf16)."""
     import safetensors.torch
 
     import lora_helpers as H
     sd, fac = {}, {}
-    for i, ((src, style, rank, alpha), (layer, part)) in enumerate(sorted(table.items())):
+    for i, ((src, style, rank, alpha), (layer, rows)) in enumerate(sorted(table.items())):
         t = layers[layer][0]
-        n, k = t["weight"].shape[0] // (3 if part is not None else 1), U.in_features(t)
+        n, k = (t["weight"].shape[0] if rows is None else rows[1]), U.in_features(t)
         up, down = (f.to(torch.bfloat16) for f in H.factors(n, k, rank, seed + 31 * i))
         sd.update(H.lora_sd(style, src, up, down, alpha))
         fac[(src, style, rank, alpha)] = (up, down, alpha / rank)
@@ -444,47 +457,53 @@ def _lora_file(path, table, layers, seed):
     return fac
 
 
-def test_zimage_lora_forms_land_on_the_fused_rows_and_unpatch(comfyui, tmp_path):
-    """A Z-Image LoRA as trainers write it (separate to_q / to_k / to_v with their own ranks and alphas, in
-    diffusers and ComfyUI spellings; to_out.0; w1 / w3 / w2) on the converted Nunchaku model in upstream:
-    each probed layer's output − the unpatched output equals the sum of its LoRA deltas placed on their
-    rows (q, k, v thirds of the fused ``qkv``) within ``lora_helpers.delta_tolerance``; an int4 layer no LoRA
-    targets is unchanged bit for bit; every LoRA key maps (7 patched keys fold onto 5 weights) and after
-    unloading the state dict and outputs are bit-identical to the unpatched ones."""
+@pytest.mark.parametrize("arch, table", [("zimage", ZIMAGE_LORA), ("flux", FLUX_LORA)], ids=["zimage", "flux"])
+def test_arch_lora_forms_land_on_their_rows_and_unpatch(comfyui, tmp_path, arch, table):
+    """A LoRA as trainers write it on the converted Nunchaku model in upstream. Z-Image: separate to_q / to_k /
+    to_v with their own ranks and alphas (diffusers and ComfyUI spellings), to_out.0, w1 / w3 / w2. Flux:
+    diffusers to_q / add_k_proj (row thirds of the fused qkv), norm1.linear (AWQ modulation, planar order),
+    the single blocks' to_v and proj_mlp (their rows of the fused linear1) and proj_out (the K-split linear2),
+    a kohya img_mlp.2 and a ComfyUI modulation.lin. Each probed layer's output − the unpatched output equals
+    the sum of its LoRA deltas placed on their rows, within ``lora_helpers.delta_tolerance``; an int4 layer no
+    LoRA targets is unchanged bit for bit; every key maps; after unloading the state dict and the outputs are
+    bit-identical to the unpatched ones."""
     import lora_helpers as H
-    name, layers = _arch_models("zimage", tmp_path / "models")
-    fac = _lora_file(tmp_path / "models" / "loras" / "zimage-lora.safetensors", ZIMAGE_LORA, layers, 600)
-    probes = sorted({layer for layer, _ in ZIMAGE_LORA.values()} | {"layers.1.attention.qkv"})
+    name, layers = _arch_models(arch, tmp_path / "models")
+    fac = _lora_file(tmp_path / "models" / "loras" / f"{arch}-lora.safetensors", table, layers, 600)
+    probes = sorted({layer for layer, _ in table.values()} | {UNTOUCHED_ARCH[arch]})
     xs = _inputs({p: layers[p] for p in probes}, 5000)
     strength = 0.7
     r = U.run_in_comfyui(comfyui.path, "lora_layers", tmp_path, models_dir=tmp_path / "models", model=name,
                          inputs=_save(xs, tmp_path / "inputs.safetensors"), probes=probes,
-                         loras={"lora": ["zimage-lora.safetensors", strength]})
+                         loras={"lora": [f"{arch}-lora.safetensors", strength]})
     assert not r["errors"], U.format_errors(r["errors"])
-    assert not [w for ws in r["warnings"].values() for w in ws if "NOT LOADED" in w or "not loaded" in w], r["warnings"]
-    targets = sorted({f"diffusion_model.{layer}.weight" for layer, _ in ZIMAGE_LORA.values()})
-    assert r["patched"]["lora"] == targets, r["patched"]
+    assert not [w for ws in r["warnings"].values() for w in ws if "not loaded" in w.lower()], r["warnings"]
+    assert r["patched"]["lora"] == sorted({f"diffusion_model.{layer}.weight" for layer, _ in table.values()})
     got = U.scenario_tensors(r)
     dtype = U.dtype_from_name(r["dtype"])
     for p in probes:
         x, y, base = got[f"x:{p}"], got[f"lora:{p}"], got[f"base:{p}"]
         t, conf = layers[p]
-        parts = [(key, part) for key, (layer, part) in ZIMAGE_LORA.items() if layer == p]
+        parts = [(key, rows) for key, (layer, rows) in table.items() if layer == p]
         if not parts:
             assert torch.equal(y, base), f"{p}: no LoRA targets it, yet its output changed"
             continue
         n = t["weight"].shape[0]
         delta = torch.zeros(*x.shape[:-1], n, dtype=torch.float64)
         mag_d = torch.zeros_like(delta)
-        for key, part in parts:
+        touched = torch.zeros(n, dtype=torch.bool)
+        for key, rows in parts:
             up, down, s = fac[key]
             d, m = H.lowrank_delta(x, up, down, strength * s)
-            rows = slice(None) if part is None else slice(part * n // 3, (part + 1) * n // 3)
-            delta[..., rows] += d
-            mag_d[..., rows] += m
+            span = slice(None) if rows is None else slice(rows[0], rows[0] + rows[1])
+            delta[..., span] += d
+            mag_d[..., span] += m
+            touched[span] = True
         mag_b = U.int4_reference(x, t, conf, dtype)[1]
         tol = H.delta_tolerance(y, base, mag_b, mag_d, dtype, 2 * U.in_features(t))
-        H.assert_delta(y.double() - base.double(), delta, tol, what=f"zimage {p}")
+        diff = y.double() - base.double()
+        H.assert_delta(diff[..., touched], delta[..., touched], tol[..., touched], what=f"{arch} {p}")
+        assert bool((diff[..., ~touched].abs() <= tol[..., ~touched]).all()), f"{p}: rows no LoRA targets moved"
         assert torch.equal(got[f"after:{p}"], base), f"{p}: output after unloading differs"
     un = r["unpatch"]
     assert not (un["differ"] or un["missing"] or un["added"]), un
