@@ -50,15 +50,19 @@ def rope_axes(metadata, head_dim, heads):
 def detect_unet_config(state_dict, key_prefix, metadata=None):
     if f"{key_prefix}txt_norm.weight" not in state_dict:
         return None
-    def shape(name):
+    def shape(name, ndim):
         key = f"{key_prefix}{name}"
         if key not in state_dict:
             raise IncompleteModelError([key], [])
-        return state_dict[key].shape
+        got = tuple(state_dict[key].shape)
+        if len(got) != ndim:
+            raise QuantFileError(f"tensor '{key}': expected {ndim} dimension(s), got shape {got}", tensor=key,
+                                 expected=f"{ndim}-D", got=got)
+        return got
 
-    inner_dim, in_channels = shape("img_in.weight")
-    head_dim = shape("transformer_blocks.0.attn.norm_q.weight")[0]
-    if inner_dim % head_dim:
+    inner_dim, in_channels = shape("img_in.weight", 2)
+    head_dim = shape("transformer_blocks.0.attn.norm_q.weight", 1)[0]
+    if head_dim == 0 or inner_dim % head_dim:
         raise QuantFileError(f"Qwen-Image checkpoint: img_in.weight width {inner_dim} is not a multiple of the head "
                              f"dim {head_dim} (transformer_blocks.0.attn.norm_q.weight)", tensor="img_in.weight",
                              expected=f"a multiple of {head_dim}", got=inner_dim)
@@ -71,11 +75,11 @@ def detect_unet_config(state_dict, key_prefix, metadata=None):
     config = {
         "patch_size": 2,
         "in_channels": in_channels,
-        "out_channels": shape("proj_out.weight")[0] // 4,
+        "out_channels": shape("proj_out.weight", 2)[0] // 4,
         "num_layers": len(blocks),
         "attention_head_dim": head_dim,
         "num_attention_heads": inner_dim // head_dim,
-        "joint_attention_dim": shape("txt_norm.weight")[0],
+        "joint_attention_dim": shape("txt_norm.weight", 1)[0],
     }
     config["axes_dims_rope"] = rope_axes(metadata, head_dim, config["num_attention_heads"])
     if f"{key_prefix}__index_timestep_zero__" in state_dict:

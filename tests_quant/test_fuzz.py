@@ -28,7 +28,7 @@ import time
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import comfy.sd
@@ -130,6 +130,7 @@ def test_fuzz_file_bytes(clean_layout, tmp_path_factory, mutation):
 
 @FUZZ
 @given(mutation=tensor_mutations(*_clean_int4()))
+@example(mutation=("shape", "img_in.weight", "unsqueeze"))  # found by a long run: detection unpacked a 3-D shape
 def test_fuzz_int4_checkpoint(clean_layout, tmp_path_factory, mutation):
     """Dropped, stray, reshaped, retyped or NaN / Inf / 0 / huge tensors; layer JSON and file metadata."""
     _, expected = clean_layout
@@ -148,6 +149,7 @@ def _clean_nunchaku():
 
 @FUZZ
 @given(mutation=tensor_mutations(*_clean_nunchaku()))
+@example(mutation=("shape", "img_in.weight", "unsqueeze"))  # found by a long run: detection unpacked a 3-D shape
 def test_fuzz_nunchaku_checkpoint(tmp_path_factory, mutation):
     """The same mutations on a Nunchaku file, loaded directly and through convert-nunchaku: both refuse with
     a documented error or both load; the converter leaves no output behind when it refuses."""

@@ -146,3 +146,14 @@ def test_a_float_tensor_of_an_int4_model_is_checked_before_it_is_copied(tmp_path
     with pytest.raises(QuantFileError, match=expected) as info:
         _load_edited(tmp_path, edit)
     assert key in (info.value.tensor, f"{info.value.layer}.{info.value.tensor}")  # linears name layer + tensor
+
+
+@pytest.mark.parametrize("key, tensor, expected", [
+    ("img_in.weight", torch.ones(1, 256, 64), r"img_in.weight': expected 2 dimension\(s\)"),  # found by the fuzzer
+    ("transformer_blocks.0.attn.norm_q.weight", torch.ones(0), "not a multiple of the head dim 0"),
+    ("txt_norm.weight", torch.ones(2, 64), r"txt_norm.weight': expected 1 dimension\(s\)"),
+])
+def test_detection_tensors_of_the_wrong_rank(tmp_path, key, tensor, expected):
+    """The tensors detection measures must have the rank it reads (not a ValueError / ZeroDivisionError)."""
+    with pytest.raises(QuantFileError, match=expected):
+        _load_edited(tmp_path, lambda sd, meta: sd.__setitem__(key, tensor))
