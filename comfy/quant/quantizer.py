@@ -125,8 +125,8 @@ def plan_units(keys, arch: archs.Architecture | None = None) -> tuple[list[Unit]
 
     ``arch`` defaults to the one the keys show (or, for a partial state dict, the one whose tables name
     most of its weights). Blocks Nunchaku's releases keep float (``BlockKind.released_float``) stay float.
-    A share group becomes one unit where its first member appears; a member missing from the keys is a
-    ``QuantizeInputError`` naming it."""
+    A share group becomes one unit at its first member's key (or the first present member's, when that one
+    is missing); a member missing from the keys is a ``QuantizeInputError`` naming it."""
     keys = list(keys)
     present = set(keys)
     if arch is None:
@@ -145,14 +145,14 @@ def plan_units(keys, arch: archs.Architecture | None = None) -> tuple[list[Unit]
         if group is None:
             units.append(Unit(layer.kind, (f"{block}.{rel}",), layer))
             continue
-        if (block, group) in grouped:
-            continue
+        if (block, group) in grouped or (rel != group[0] and f"{block}.{group[0]}.weight" in present):
+            continue   # made where its first member is (the file's order, as before), or made already
         grouped.add((block, group))
         paths = tuple(f"{block}.{p}" for p in group)
         missing = [p for p in paths if f"{p}.weight" not in present]
         if missing:
             raise QuantizeInputError(f"{block}: joint {_group_label(group)} quantization needs {missing} "
-                                     "(not in the file)", tensor=f"{missing[0]}.weight")
+                                     f"(no tensor '{missing[0]}.weight' in the file)", tensor=f"{missing[0]}.weight")
         units.append(Unit(layer.kind, paths, layer))
     for u in units:
         claimed.update(k for k in u.keys if k in present)
@@ -404,7 +404,7 @@ def _check_architecture(keys: list) -> archs.Architecture:
 
 def _check_unit(unit: Unit, present: set, dtype_of, shape_of, options: QuantizeOptions) -> None:
     group = GROUP_SIZE if unit.kind == "svdquant" else options.awq_group_size
-    widths = set()
+    widths = {}
     for key in (k for k in unit.keys if k in present):
         dtype, shape = dtype_of(key), list(shape_of(key))
         if dtype not in FLOAT_DTYPES:
@@ -414,10 +414,13 @@ def _check_unit(unit: Unit, present: set, dtype_of, shape_of, options: QuantizeO
             if len(shape) != 2 or shape[1] % group:
                 raise QuantizeInputError(f"tensor '{key}': expected a 2-D linear weight whose in_features is a "
                                          f"multiple of {group}, got shape {shape}", tensor=key, got=shape)
-            widths.add(shape[1])
-    if len(widths) > 1:
-        raise QuantizeInputError(f"{', '.join(unit.paths)}: quantized together, they need one in_features, got "
-                                 f"{sorted(widths)}", tensor=f"{unit.paths[0]}.weight", got=sorted(widths))
+            widths[key] = shape[1]
+    if len(set(widths.values())) > 1:
+        first, width = next(iter(widths.items()))
+        odd = next(k for k, w in widths.items() if w != width)
+        raise QuantizeInputError(f"tensor '{odd}': in_features {widths[odd]}, but '{first}' has {width}; "
+                                 f"{', '.join(unit.paths)} are quantized together (they read one input)",
+                                 tensor=odd, expected=width, got=widths[odd])
     if unit.kind != "svdquant":
         return
     layer = _unit_layer(unit)
@@ -425,7 +428,7 @@ def _check_unit(unit: Unit, present: set, dtype_of, shape_of, options: QuantizeO
     splits = layer.input_splits(*shape_of(weight))
     if splits is not None and any(w <= 0 or w % GROUP_SIZE for w in splits):
         shape = list(shape_of(weight))
-        raise QuantizeInputError(f"tensor '{weight}': its input splits into {list(splits)} (attention | MLP), "
+        raise QuantizeInputError(f"tensor '{weight}': its input splits into {list(splits)} ({layer.in_splits}), "
                                  f"each must be a positive multiple of {GROUP_SIZE}, got shape {shape}",
                                  tensor=weight, got=shape)
     if any(layer.act_unsigned if isinstance(layer.act_unsigned, tuple) else [layer.act_unsigned]):
