@@ -369,30 +369,40 @@ def test_hostile_files_through_upstream_loaders(comfyui, models, tmp_path):
 
 
 # ------------------------------------------------------------------------------- Z-Image and Flux.1
-def _arch_models(arch, d):
-    """A models folder holding the tiny Nunchaku file of ``arch`` (arch_fixtures); its native layers."""
+def _arch_models(arch, d, source="nunchaku"):
+    """A models folder holding a tiny ``arch`` file (arch_fixtures): the Nunchaku file, or the bf16 ComfyUI
+    file through this project's quantizer; its name and native layers {layer: (tensors, JSON)}."""
     import safetensors.torch
 
     import arch_fixtures as A
+    from comfy.quant.quantizer import QuantizeOptions, quantize_file
     (d / "diffusion_models").mkdir(parents=True)
     (d / "loras").mkdir()
-    nat = A.natural_int4(arch, seed=7)
-    sd, meta = A.to_nunchaku(nat)
-    name = f"svdq-int4_r32-tiny-{arch}.safetensors"
-    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "diffusion_models" / name),
-                                metadata=meta)
-    return name, A.native_layers(nat)
+    if source == "nunchaku":
+        nat = A.natural_int4(arch, seed=7)
+        sd, meta = A.to_nunchaku(nat)
+        name = f"svdq-int4_r32-tiny-{arch}.safetensors"
+        safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "diffusion_models" / name),
+                                    metadata=meta)
+        return name, A.native_layers(nat)
+    bf16 = d / f"{arch}-bf16.safetensors"
+    safetensors.torch.save_file(A.comfy_float_state_dict(arch, seed=7), str(bf16))
+    name = f"{arch}-int4.safetensors"
+    quantize_file(str(bf16), str(d / "diffusion_models" / name), QuantizeOptions(rank=16), progress=False)
+    return name, U.file_layers(d / "diffusion_models" / name)
 
 
+@pytest.mark.parametrize("source", ["nunchaku", "quantized"])
 @pytest.mark.parametrize("arch", ["zimage", "flux"])
-def test_nunchaku_zimage_and_flux_load_through_unet_loader(comfyui, tmp_path, arch):
-    """Upstream's ``UNETLoader`` on a tiny Nunchaku Z-Image / Flux.1 file (converted while loading): the int4
-    layers are exactly those the conversion must give (``arch_fixtures.native_layers``: Z-Image's qkv / out /
+def test_zimage_and_flux_load_through_unet_loader(comfyui, tmp_path, arch, source):
+    """Upstream's ``UNETLoader`` on a tiny Z-Image / Flux.1 file, a Nunchaku one (converted while loading) or
+    a bf16 one through ``quantize``: the int4 layers are exactly those the conversion must give (or the
+    quantizer wrote) (``arch_fixtures.native_layers``: Z-Image's qkv / out /
     w1 / w3 / w2, Flux's qkv / proj / mlp / modulation and the single blocks' fused linear1 and K-split
     linear2), each a kitchen ``QuantizedTensor`` in a ``MixedPrecisionOps.Linear``, and each layer's output
     on a seeded input is within ``kernel_tolerance`` of the float64 reference from the native tensors."""
     from reference import kernel_tolerance
-    name, layers = _arch_models(arch, tmp_path / "models")
+    name, layers = _arch_models(arch, tmp_path / "models", source)
     xs = _inputs(layers, 4000)
     r = U.run_in_comfyui(comfyui.path, "load", tmp_path, models_dir=tmp_path / "models",
                          inputs=_save({f"{arch}:{p}": x for p, x in xs.items()}, tmp_path / "inputs.safetensors"),
@@ -457,9 +467,10 @@ def _lora_file(path, table, layers, seed):
     return fac
 
 
+@pytest.mark.parametrize("source", ["nunchaku", "quantized"])
 @pytest.mark.parametrize("arch, table", [("zimage", ZIMAGE_LORA), ("flux", FLUX_LORA)], ids=["zimage", "flux"])
-def test_arch_lora_forms_land_on_their_rows_and_unpatch(comfyui, tmp_path, arch, table):
-    """A LoRA as trainers write it on the converted Nunchaku model in upstream. Z-Image: separate to_q / to_k /
+def test_arch_lora_forms_land_on_their_rows_and_unpatch(comfyui, tmp_path, arch, table, source):
+    """A LoRA as trainers write it on the converted Nunchaku model (or the quantized bf16 one) in upstream. Z-Image: separate to_q / to_k /
     to_v with their own ranks and alphas (diffusers and ComfyUI spellings), to_out.0, w1 / w3 / w2. Flux:
     diffusers to_q / add_k_proj (row thirds of the fused qkv), norm1.linear (AWQ modulation, planar order),
     the single blocks' to_v and proj_mlp (their rows of the fused linear1) and proj_out (the K-split linear2),
@@ -468,7 +479,7 @@ def test_arch_lora_forms_land_on_their_rows_and_unpatch(comfyui, tmp_path, arch,
     LoRA targets is unchanged bit for bit; every key maps; after unloading the state dict and the outputs are
     bit-identical to the unpatched ones."""
     import lora_helpers as H
-    name, layers = _arch_models(arch, tmp_path / "models")
+    name, layers = _arch_models(arch, tmp_path / "models", source)
     fac = _lora_file(tmp_path / "models" / "loras" / f"{arch}-lora.safetensors", table, layers, 600)
     probes = sorted({layer for layer, _ in table.values()} | {UNTOUCHED_ARCH[arch]})
     xs = _inputs({p: layers[p] for p in probes}, 5000)
