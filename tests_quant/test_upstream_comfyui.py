@@ -450,6 +450,21 @@ FLUX_LORA = {
 UNTOUCHED_ARCH = {"zimage": "layers.1.attention.qkv", "flux": "double_blocks.1.txt_attn.proj"}
 
 
+def _model_call(arch):
+    """Seeded inputs of one whole-transformer forward of the tiny ``arch`` model and how to call it: latent
+    (1, 16, 8, 8), timestep, text context; Flux also the pooled vector and guidance, Z-Image the token count."""
+    import arch_fixtures as A
+    cfg = A.tiny_config(arch)
+    g = torch.Generator().manual_seed(77)
+    text_dim = cfg.cap_feat_dim if arch == "zimage" else cfg.context_in_dim
+    inputs = {"model.x": torch.randn(1, 16, 8, 8, generator=g), "model.t": torch.full((1,), 0.5),
+              "model.context": torch.randn(1, 6, text_dim, generator=g)}
+    if arch == "flux":
+        inputs |= {"model.y": torch.randn(1, cfg.vec_in_dim, generator=g), "model.guidance": torch.full((1,), 3.5)}
+        return inputs, {"tensors": ["y", "guidance"]}
+    return inputs, {"tensors": [], "scalars": {"num_tokens": 6}}
+
+
 def _lora_file(path, table, layers, seed):
     """A LoRA with one pair per entry of ``table`` (shapes from the target layers and row ranges) and
     {entry: (up, down, alpha/rank)} as stored (bf16)."""
@@ -476,17 +491,18 @@ def test_arch_lora_forms_land_on_their_rows_and_unpatch(comfyui, tmp_path, arch,
     the single blocks' to_v and proj_mlp (their rows of the fused linear1) and proj_out (the K-split linear2),
     a kohya img_mlp.2 and a ComfyUI modulation.lin. Each probed layer's output − the unpatched output equals
     the sum of its LoRA deltas placed on their rows, within ``lora_helpers.delta_tolerance``; an int4 layer no
-    LoRA targets is unchanged bit for bit; every key maps; after unloading the state dict and the outputs are
-    bit-identical to the unpatched ones."""
+    LoRA targets is unchanged bit for bit; every key maps; a whole-transformer forward is finite, changed by
+    the LoRA and after unloading bit-identical to the unpatched one, as are the state dict and the layers."""
     import lora_helpers as H
     name, layers = _arch_models(arch, tmp_path / "models", source)
     fac = _lora_file(tmp_path / "models" / "loras" / f"{arch}-lora.safetensors", table, layers, 600)
     probes = sorted({layer for layer, _ in table.values()} | {UNTOUCHED_ARCH[arch]})
     xs = _inputs({p: layers[p] for p in probes}, 5000)
+    model_inputs, call = _model_call(arch)
     strength = 0.7
     r = U.run_in_comfyui(comfyui.path, "lora_layers", tmp_path, models_dir=tmp_path / "models", model=name,
-                         inputs=_save(xs, tmp_path / "inputs.safetensors"), probes=probes,
-                         loras={"lora": [f"{arch}-lora.safetensors", strength]})
+                         inputs=_save(xs | model_inputs, tmp_path / "inputs.safetensors"), probes=probes,
+                         loras={"lora": [f"{arch}-lora.safetensors", strength]}, model_call=call)
     assert not r["errors"], U.format_errors(r["errors"])
     assert not [w for ws in r["warnings"].values() for w in ws if "not loaded" in w.lower()], r["warnings"]
     assert r["patched"]["lora"] == sorted({f"diffusion_model.{layer}.weight" for layer, _ in table.values()})
@@ -516,5 +532,8 @@ def test_arch_lora_forms_land_on_their_rows_and_unpatch(comfyui, tmp_path, arch,
         H.assert_delta(diff[..., touched], delta[..., touched], tol[..., touched], what=f"{arch} {p}")
         assert bool((diff[..., ~touched].abs() <= tol[..., ~touched]).all()), f"{p}: rows no LoRA targets moved"
         assert torch.equal(got[f"after:{p}"], base), f"{p}: output after unloading differs"
+    base_y, lora_y = got["base:model"], got["lora:model"]  # the whole transformer's forward
+    assert bool(torch.isfinite(base_y).all()) and bool(torch.isfinite(lora_y).all())
+    assert not torch.equal(base_y, lora_y) and torch.equal(got["after:model"], base_y)
     un = r["unpatch"]
     assert not (un["differ"] or un["missing"] or un["added"]), un

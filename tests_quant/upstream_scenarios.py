@@ -491,11 +491,18 @@ def scenario_lora_layers(rec, params):
         rec.result["dtype"] = _dtype_name(dtype)
         before = _state_dict_copy(dm)
 
+    call = params.get("model_call")  # {"tensors": kwarg names of inputs["model.<name>"], "scalars": {...}}
+
     def probe(tag, patcher):
         mm.load_models_gpu([patcher])
-        for p in params["probes"]:
-            with torch.no_grad():
-                rec.put(f"{tag}:{p}", patcher.model.diffusion_model.get_submodule(p)(inputs[p].to(dtype)))
+        dm_ = patcher.model.diffusion_model
+        with torch.no_grad():
+            for p in params["probes"]:
+                rec.put(f"{tag}:{p}", dm_.get_submodule(p)(inputs[p].to(dtype)))
+            if call:  # the whole transformer on one input (x, timestep, context positional)
+                kw = {k: inputs[f"model.{k}"].to(dtype) for k in call["tensors"]} | call.get("scalars", {})
+                args = [inputs["model.x"].to(dtype), inputs["model.t"], inputs["model.context"].to(dtype)]
+                rec.put(f"{tag}:model", dm_(*args, **kw))
 
     if not rec.ok("load"):
         return
