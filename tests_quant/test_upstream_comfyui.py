@@ -538,3 +538,30 @@ def test_arch_lora_forms_land_on_their_rows_and_unpatch(comfyui, tmp_path, arch,
     assert not torch.equal(base_y, lora_y) and torch.equal(got["after:model"], base_y)
     un = r["unpatch"]
     assert not (un["differ"] or un["missing"] or un["added"]), un
+
+
+@pytest.mark.parametrize("arch, table", [("zimage", ZIMAGE_LORA), ("flux", FLUX_LORA)], ids=["zimage", "flux"])
+def test_lora_check_covers_zimage_and_flux(comfyui, tmp_path, arch, table):
+    """``lora-check``'s report inside upstream for the LoRA-forms file (plus one key of a module the model
+    lacks): one row per LoRA module naming its target weight (and rows, for a part of a fused weight) and
+    how it lands (appended to the SVDQuant low-rank branch / an AWQ output term), and the stray key listed
+    as not mapped."""
+    import safetensors.torch
+    name, layers = _arch_models(arch, tmp_path / "models")
+    path = tmp_path / "models" / "loras" / f"{arch}-lora.safetensors"
+    _lora_file(path, table, layers, 600)
+    lora = safetensors.torch.load_file(str(path))
+    lora["transformer.no_such_module.lora_A.weight"] = torch.zeros(4, 64)
+    safetensors.torch.save_file(lora, str(path))
+    r = U.run_in_comfyui(comfyui.path, "lora_check", tmp_path, models_dir=tmp_path / "models", model=name,
+                         lora=path.name)
+    assert not r["errors"], U.format_errors(r["errors"])
+    assert r["unmapped"] == ["transformer.no_such_module.lora_A.weight"] and r["has_problems"]
+    rows = {target: how for _prefix, target, how in r["rows"]}
+    assert len(r["rows"]) == len(table), r["rows"]
+    for (src, style, rank, alpha), (layer, span) in table.items():
+        key = f"diffusion_model.{layer}.weight"
+        shown = key if span is None else f"{key} rows (0, {span[0]}, {span[1]})"
+        assert shown in rows, (shown, sorted(rows))
+        kind = layers[layer][1]["format"]
+        assert ("low-rank" in rows[shown]) if kind == "svdquant_w4a4" else ("output term" in rows[shown]), rows[shown]

@@ -523,6 +523,22 @@ def scenario_lora_layers(rec, params):
         rec.result["unpatch"] = _compare_state_dicts(before, _state_dict_copy(dm))
 
 
+def scenario_lora_check(rec, params):
+    """``comfy.quant.lora_check.lora_check`` (what ``python -m comfy.quant lora-check`` prints) on the model
+    ``UNETLoader`` gives for ``params["model"]`` and the LoRA file ``params["lora"]``."""
+    import comfy.utils
+    import folder_paths
+    from comfy.quant.lora_check import has_problems, lora_check
+    _setup_folders(params)
+    with rec.step("check"):
+        patcher = _load_unet(params["model"])
+        lora = comfy.utils.load_torch_file(folder_paths.get_full_path("loras", params["lora"]))
+        rows, unmapped = lora_check(patcher, lora)
+        rec.result["rows"] = [list(r) for r in rows]
+        rec.result["unmapped"] = unmapped
+        rec.result["has_problems"] = has_problems(rows, unmapped)
+
+
 def _outcome(fn):
     """What a user meets: ``{"outcome": "ok", "value": fn()}`` or the error's type, its classes and message."""
     try:
@@ -637,7 +653,7 @@ def scenario_arch_keys(rec, params):
 
 SCENARIOS = {"smoke": scenario_smoke, "load": scenario_load, "lora": scenario_lora, "sample": scenario_sample,
              "save": scenario_save, "hostile": scenario_hostile,
-             "lora_layers": scenario_lora_layers, "arch_keys": scenario_arch_keys}
+             "lora_layers": scenario_lora_layers, "lora_check": scenario_lora_check, "arch_keys": scenario_arch_keys}
 
 
 def main(argv):
