@@ -149,6 +149,15 @@ def _inspect_nunchaku(report: Report, keys, metadata, shape_of, read) -> Report:
     return report
 
 
+def _yes_no(act_unsigned) -> str:
+    """``yes`` / ``no``, per input segment for a K-split layer (``no/yes``); empty when not known."""
+    if act_unsigned is None:
+        return ""
+    if isinstance(act_unsigned, list):
+        return "/".join("yes" if a else "no" for a in act_unsigned)
+    return "yes" if act_unsigned else "no"
+
+
 def format_report(report: Report) -> str:
     lines = [f"{report.path}  [{report.kind}]"]
     lines += [f"  note: {n}" for n in report.notes]
@@ -156,7 +165,7 @@ def format_report(report: Report) -> str:
         lines.append(f"  {'layer':58} {'format':14} {'out x in':>13} {'rank':>5} {'unsigned':>8} {'bytes':>10}")
         for li in report.layers:
             shape = f"{li.out_features}x{li.in_features}" if li.out_features else "?"
-            unsigned = "" if li.act_unsigned is None else ("yes" if li.act_unsigned else "no")
+            unsigned = _yes_no(li.act_unsigned)
             lines.append(f"  {li.name:58} {li.format:14} {shape:>13} {li.rank if li.rank is not None else '':>5} "
                          f"{unsigned:>8} {li.nbytes:>10}")
     counts = {}
