@@ -529,3 +529,15 @@ def test_lora_on_the_triton_path_and_unpatch_bit_exact():
     with kernels.forced("triton"):
         y2 = lin(x)
     assert torch.equal(y2, y0)
+
+
+def test_inspect_reports_a_flux_native_file_with_its_split(tmp_path):
+    """``inspect`` of a native Flux file: no problems, and linear2's signedness shown per input segment."""
+    from comfy.quant.inspect_file import format_report, inspect_checkpoint
+    sd, meta = A.to_native(A.natural_int4("flux", seed=2))
+    path = tmp_path / "flux.safetensors"
+    comfy.utils.save_torch_file(sd, path, metadata=meta)
+    report = inspect_checkpoint(path)
+    assert not report.problems, report.problems
+    lines = [line for line in format_report(report).splitlines() if "single_blocks.0.linear2 " in line]
+    assert len(lines) == 1 and " no/yes " in lines[0], lines
