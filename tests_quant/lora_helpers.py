@@ -84,6 +84,7 @@ def lora_keys(style, path):
         "peft": ("base_model.model." + path, "lora_B.default.weight", "lora_A.default.weight"),
         "kohya": ("lora_unet_" + flat, "lora_up.weight", "lora_down.weight"),
         "comfy": ("diffusion_model." + path, "lora_up.weight", "lora_down.weight"),
+        "lycoris": ("lycoris_" + flat, "lora_up.weight", "lora_down.weight"),  # LyCORIS LoCon (SimpleTuner)
     }[style]
 
 

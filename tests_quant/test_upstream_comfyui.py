@@ -433,7 +433,7 @@ ZIMAGE_LORA = {
     ("layers.0.attention.to_k", "comfy", 4, 4.0): ("layers.0.attention.qkv", (ZD, ZD)),
     ("layers.0.attention.to_v", "diffusers", 8, 8.0): ("layers.0.attention.qkv", (2 * ZD, ZD)),
     ("layers.0.attention.to_out.0", "comfy", 4, 1.0): ("layers.0.attention.out", None),
-    ("layers.1.feed_forward.w1", "diffusers", 4, 2.0): ("layers.1.feed_forward.w1", None),
+    ("layers.1.feed_forward.w1", "lycoris", 4, 2.0): ("layers.1.feed_forward.w1", None),
     ("layers.1.feed_forward.w3", "diffusers", 4, 2.0): ("layers.1.feed_forward.w3", None),
     ("layers.1.feed_forward.w2", "peft", 4, 2.0): ("layers.1.feed_forward.w2", None),
 }
@@ -443,7 +443,7 @@ FLUX_LORA = {
     ("transformer_blocks.0.norm1.linear", "diffusers", 4, 2.0): ("double_blocks.0.img_mod.lin", None),
     ("double_blocks.1.img_mlp.2", "kohya", 8, 8.0): ("double_blocks.1.img_mlp.2", None),
     ("single_transformer_blocks.0.attn.to_v", "diffusers", 4, 2.0): ("single_blocks.0.linear1", (2 * FD, FD)),
-    ("single_transformer_blocks.0.proj_mlp", "diffusers", 4, 1.0): ("single_blocks.0.linear1", (3 * FD, FM)),
+    ("single_transformer_blocks.0.proj_mlp", "lycoris", 4, 1.0): ("single_blocks.0.linear1", (3 * FD, FM)),
     ("single_transformer_blocks.1.proj_out", "diffusers", 4, 2.0): ("single_blocks.1.linear2", None),
     ("single_blocks.1.modulation.lin", "comfy", 4, 2.0): ("single_blocks.1.modulation.lin", None),
     ("transformer_blocks.1.ff.net.0.proj", "peft", 4, 2.0): ("double_blocks.1.img_mlp.0", None),
