@@ -365,6 +365,41 @@ def test_linear2_needs_its_split_signedness(quantized):
             assert rms(wrong) >= 1.25, (layer, single, rms(wrong))
 
 
+@pytest.mark.parametrize("quantized", ["flux"], indirect=True)
+def test_stored_layers_load_and_run_as_the_runtime_reads_them(quantized):
+    """One layer at a time (no model): every int4 layer of the Flux file loads through
+    ``comfy.ops.mixed_precision_ops`` (nothing missing, nothing left over) and its kitchen forward in fp32
+    agrees with ``w4a4_reference`` / ``awq_forward`` of the stored tensors within reference.py's kernel
+    bounds (``w4a4_split_tolerance`` for linear2's two segments): the runtime reads the representation the
+    quantizer writes, K-split included."""
+    import comfy.ops
+    from comfy.quant import kernels
+    from comfy.quant.formats import format_of
+    from reference import awq_forward, kernel_tolerance, w4a4_split_tolerance
+
+    q = quantized
+    for i, (layer, conf) in enumerate(expected_layers(q.arch).items()):
+        t = {k: v.float() if v.is_floating_point() else v for k, v in tensors_of(q.out, layer).items()}
+        n, k = q.float[f"{layer}.weight"].shape
+        lin = comfy.ops.mixed_precision_ops({}, compute_dtype=torch.float32).Linear(k, n, bias="bias" in t)
+        sd = {f"{layer}.{key}": v for key, v in t.items()} | {f"{layer}.comfy_quant": q.out[f"{layer}.comfy_quant"]}
+        missing, unexpected = [], []
+        lin._load_from_state_dict(sd, layer + ".", {}, True, missing, unexpected, [])
+        assert not missing and not sd, (layer, missing, list(sd))
+        assert format_of(lin.weight).name == conf["format"], layer
+        x = layer_input(conf if conf["format"] == "svdquant_w4a4" else {"act_unsigned": False}, 5, k, seed=i)
+        with torch.no_grad(), kernels.forced("kitchen"):
+            y = lin(x).double()
+        if conf["format"] == "svdquant_w4a4":
+            ref, mag = w4a4_reference(x, t, conf, torch.float32)
+            tol = (w4a4_split_tolerance(mag, torch.float32, k, len(conf["in_splits"])) if "in_splits" in conf
+                   else kernel_tolerance(mag, torch.float32, k))
+        else:
+            ref, mag = awq_forward(x, t, 64, t.get("bias"))
+            tol = kernel_tolerance(mag, torch.float32, k)
+        assert bool(((y - ref).abs() <= tol).all()), (layer, float(((y - ref).abs() / tol).max()))
+
+
 # ============================================================================ linear2's bias
 
 def _linear2_compensation(t, b, dim):
