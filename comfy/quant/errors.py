@@ -77,7 +77,7 @@ class OutputFileError(QuantFileError):
 
 
 class QuantizeInputError(QuantFileError):
-    """An input ``quantize`` cannot use, found before any work: not a Qwen-Image model, a Nunchaku or an
+    """An input ``quantize`` cannot use, found before any work: not a supported architecture, a Nunchaku or an
     already-quantized file, linear weights that are not float or not shaped for int4, or a calibration
     file that does not fit the model."""
 
