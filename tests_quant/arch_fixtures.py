@@ -987,3 +987,20 @@ def w4a4_reference(x, tensors, conf, dtype=torch.float32):
 def with_cfg(arch: str, **changes):
     """``tiny_config(arch)`` with some fields changed (checked)."""
     return replace(tiny_config(arch), **changes).check()
+
+
+# ---------------------------------------------------------------------------------- test helpers
+VARIANTS = {   # id -> (arch, config): the fixture variants the architecture tests run over
+    "zimage": ("zimage", None),
+    "zimage-refiners-quantized": ("zimage", with_cfg("zimage", skip_refiners=False)),
+    "flux-dev": ("flux", None),
+    "flux-schnell-unfolded": ("flux", with_cfg("flux", guidance_embed=False, fold_out_smooth=False)),
+}
+
+
+def bits_equal(a, b):
+    return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def decode_json(t):
+    return json.loads(bytes(t.tolist()).decode("utf-8"))

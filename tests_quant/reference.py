@@ -32,13 +32,9 @@ def quantize_activation(x_main: torch.Tensor, smooth: torch.Tensor, unsigned: bo
     The division by ``smooth`` and by the scale happen in ``dtype`` (the compute dtype the kernel
     quantizes in) so that the codes are the ones a kernel in that dtype must produce.
     """
-    xs = x_main.to(dtype) / smooth.to(dtype)
-    m, k = xs.shape
-    g = xs.view(m, k // 64, 64)
-    qmax, qmin = (15, 0) if unsigned else (7, -7)
-    scale = g.abs().amax(-1).clamp(min=1e-10) / qmax
-    codes = (g / scale.unsqueeze(-1)).round().clamp(qmin, qmax)
-    return (codes.double() * scale.double().unsqueeze(-1)).view(m, k)
+    codes, scale = activation_codes(x_main, smooth, unsigned, dtype)
+    m, k = codes.shape
+    return (codes.view(m, k // 64, 64) * scale.unsqueeze(-1)).view(m, k)
 
 
 def svdquant_forward(x, t, act_unsigned, bias=None, dtype=torch.float32):

@@ -20,20 +20,7 @@ import nunchaku_packer as P
 import upstream_env as U
 from reference import awq_forward, svdquant_forward
 
-VARIANTS = {   # id -> (arch, config)
-    "zimage": ("zimage", None),
-    "zimage-refiners-quantized": ("zimage", A.with_cfg("zimage", skip_refiners=False)),
-    "flux-dev": ("flux", None),
-    "flux-schnell-unfolded": ("flux", A.with_cfg("flux", guidance_embed=False, fold_out_smooth=False)),
-}
-
-
-def bits_equal(a, b):
-    return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-
-
-def decode_json(t):
-    return json.loads(bytes(t.tolist()).decode("utf-8"))
+from arch_fixtures import VARIANTS, bits_equal, decode_json  # noqa: E402
 
 
 @pytest.fixture(scope="module")

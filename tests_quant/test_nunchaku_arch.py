@@ -25,20 +25,7 @@ from comfy.quant import architectures as AR
 from comfy.quant import host
 from comfy.quant import nunchaku as nk
 
-VARIANTS = {   # id -> (arch, config); the same variants as test_arch_fixtures.py
-    "zimage": ("zimage", None),
-    "zimage-refiners-quantized": ("zimage", A.with_cfg("zimage", skip_refiners=False)),
-    "flux-dev": ("flux", None),
-    "flux-schnell-unfolded": ("flux", A.with_cfg("flux", guidance_embed=False, fold_out_smooth=False)),
-}
-
-
-def bits_equal(a, b):
-    return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-
-
-def decode_json(t):
-    return json.loads(bytes(t.tolist()).decode("utf-8"))
+from arch_fixtures import VARIANTS, bits_equal, decode_json  # noqa: E402
 
 
 SEED = 3   # test_arch_fixtures' seed: natural_int4's cache is shared within one pytest run
