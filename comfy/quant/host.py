@@ -38,13 +38,13 @@ import logging
 
 from comfy.quant import formats, kitchen, nunchaku
 from comfy.quant.deltas import as_parameter, output_terms
+from comfy.quant.errors import QuantFileError
 from comfy.quant.layer import (checked_bias, is_int4, linear_forward, load_linear, move_weight, run_linear_group,
                                save_linear, tie_shared_quant)
-from comfy.quant.errors import QuantFileError
 from comfy.quant.loading import check_state_dict, load_state_dict
-from comfy.quant.safetensors_stream import raise_if_unreadable
 from comfy.quant.patching import (Backup, adapter_problem, check_strength, group_is_patched, lora_alpha,
                                   patch_problem, patch_weight, strength_problem)
+from comfy.quant.safetensors_stream import raise_if_unreadable
 
 logger = logging.getLogger(__name__)
 
