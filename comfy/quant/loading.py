@@ -23,6 +23,7 @@ import torch
 
 from comfy.quant import formats
 from comfy.quant.errors import IncompleteModelError, MetadataError, QuantFileError, QuantizedLayerError
+from comfy.quant.formats.base import nonfinite_summary
 from comfy.quant.metadata import parse_object
 
 HEADER_KEY = "_quantization_metadata"
@@ -98,10 +99,10 @@ def check_shapes(model, sd) -> None:
 
 def check_finite(model) -> None:
     for key, t in _float_tensors(model).items():
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise QuantFileError(f"tensor '{key}': expected finite values, got {bad} NaN/Inf", tensor=key,
-                                 expected="finite values", got=f"{bad} NaN/Inf")
+        got = nonfinite_summary(t)
+        if got is not None:
+            raise QuantFileError(f"tensor '{key}': expected finite values, got {got}", tensor=key,
+                                 expected="finite values", got=got)
 
 
 def check_complete(model, missing_keys, unexpected_keys) -> None:

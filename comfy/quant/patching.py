@@ -34,6 +34,7 @@ import torch
 from comfy.quant import deltas as D
 from comfy.quant import formats
 from comfy.quant.errors import LoraError
+from comfy.quant.formats.base import FLOAT_DTYPES, nonfinite_summary
 from comfy.quant.layer import move_weight
 
 logger = logging.getLogger(__name__)
@@ -245,11 +246,12 @@ def _amax(t) -> float:
 
 
 def _non_finite(t) -> str:
+    """What ``t`` (known to hold NaN or Inf) holds, as the layer checks say it (``formats.base.nonfinite_summary``)."""
     try:
-        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        got = nonfinite_summary(t if t.dtype in (torch.float64, *FLOAT_DTYPES) else t.float())
     except RuntimeError:
-        return "non-finite values"
-    return f"{nan} NaN and {inf} Inf values (of {t.numel()}), expected finite values"
+        got = None
+    return f"{got or 'non-finite values'}, expected finite values"
 
 
 def lora_alpha(value):
