@@ -213,7 +213,7 @@ def _add_inspect_and_lora_check(sub):
 
 def _add_convert_nunchaku(sub):
     p = _command(sub, "convert-nunchaku", help="Nunchaku int4 file -> ComfyUI-native int4 file")
-    p.add_argument("input", help="a Nunchaku svdq-int4 Qwen-Image .safetensors")
+    p.add_argument("input", help="a Nunchaku svdq-int4 Qwen-Image, Z-Image or Flux.1 .safetensors (one file)")
     p.add_argument("output", help="the ComfyUI-native int4 .safetensors to write (refused if it exists, unless "
                                   "--force)")
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
@@ -254,7 +254,7 @@ def _add_bench(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m comfy.quant", description="int4 (SVDQuant W4A4, AWQ W4A16) Qwen-Image tools.",
+    parser = _Parser(prog="python -m comfy.quant", description="int4 (SVDQuant W4A4, AWQ W4A16) tools for Qwen-Image, Z-Image and Flux.1.",
                      epilog=EXIT_STATUS, formatter_class=_Help)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; on an error, show its traceback")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
