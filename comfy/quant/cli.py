@@ -254,7 +254,8 @@ def _add_bench(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m comfy.quant", description="int4 (SVDQuant W4A4, AWQ W4A16) tools for Qwen-Image, Z-Image and Flux.1.",
+    parser = _Parser(prog="python -m comfy.quant",
+                     description="int4 (SVDQuant W4A4, AWQ W4A16) tools for Qwen-Image, Z-Image and Flux.1.",
                      epilog=EXIT_STATUS, formatter_class=_Help)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; on an error, show its traceback")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
