@@ -10,7 +10,7 @@ from comfy.quant import host as int4
 from comfy.quant.errors import MetadataError
 from comfy.quant.loading import HEADER_KEY as QUANT_METADATA_KEY, quantization_layers
 from comfy.quant.formats import decode_config, encode_config
-from comfy.quant.safetensors_stream import open_checked
+from comfy.quant.files import open_checked
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ API (``arch`` is ``"zimage"`` or ``"flux"``; ``cfg`` defaults to ``tiny_config(a
   upstream's loader builds it for such a file (checked against real upstream by test_arch_fixtures.py).
 * ``comfy_float_state_dict(arch, cfg=None, seed=0, dtype=torch.bfloat16)``: seeded float weights with
   those keys and shapes, shaped like trained weights (a few strong singular directions over noise and a
-  handful of outlier input channels, as comfy/quant/demo.py's synthetic_state_dict does).
+  handful of outlier input channels, as comfy/quant_tools/demo.py's synthetic_state_dict does).
 * ``natural_int4(arch, cfg=None, seed=0)`` -> ``nat``: natural-layout int4 tensors per Nunchaku module
   (see "natural tensors" below), plus the unquantized tensors under ComfyUI names.
 * ``to_nunchaku(nat)`` -> ``(state dict, metadata)``: the Nunchaku file holding ``nat`` (Nunchaku's module

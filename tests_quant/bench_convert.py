@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import comfy.utils  # noqa: E402
-from comfy.quant.demo import DemoConfig, synthetic_state_dict  # noqa: E402
-from comfy.quant.nunchaku import convert_nunchaku_file  # noqa: E402
-from comfy.quant.quantizer import QuantizeOptions, quantize_file  # noqa: E402
+from comfy.quant_tools.demo import DemoConfig, synthetic_state_dict  # noqa: E402
+from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file  # noqa: E402
+from comfy.quant_tools.quantizer import QuantizeOptions, quantize_file  # noqa: E402
 from nunchaku_packer import build_fake_qwen_image  # noqa: E402
 
 

@@ -677,7 +677,7 @@ def main(argv=None):
     import torch
     import folder_paths
     import comfy.model_management as mm
-    from comfy.quant.demo import DemoConfig, demo_inputs
+    from comfy.quant_tools.demo import DemoConfig, demo_inputs
     folder_paths.add_model_folder_path("diffusion_models", os.path.dirname(model))
     folder_paths.add_model_folder_path("loras", os.path.dirname(lora))
     CTX.model, CTX.lora_name = model, os.path.basename(lora)

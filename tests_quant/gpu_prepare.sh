@@ -4,7 +4,7 @@
 #   .gpu-site  slim comfy-kitchen (../shared/tools/gpu-site.sh)
 #   .whl       wheels the GPU image lacks (comfy-aimdo, torchsde, trampoline, einops; psutil, pyyaml,
 #              tqdm, regex in .whl/opt, installed there only where missing)
-#   .upstream  a trimmed copy of ../shared/upstream/ComfyUI with comfy/quant/upstream/comfyui.patch
+#   .upstream  a trimmed copy of ../shared/upstream/ComfyUI with comfy/quant_tools/upstream/comfyui.patch
 #              applied and this checkout's comfy/quant in it
 #   .gpu-demo  the demo's int4 model and LoRA
 # Then, on the GPU (carry the four folders): bash tests_quant/gpu_setup.sh &&
@@ -23,7 +23,7 @@ $dl -d .whl comfy-aimdo==0.4.10 torchsde==0.2.6 trampoline==0.1.2 einops==0.8.2
 $dl -d .whl/opt psutil pyyaml tqdm regex
 rm -rf .upstream && cp -r ../shared/upstream/ComfyUI .upstream && chmod -R u+w .upstream
 # patch(1), not git apply: inside this repository git apply would resolve paths against its root and skip every file
-(cd .upstream && patch -p1 -s < ../comfy/quant/upstream/comfyui.patch)
+(cd .upstream && patch -p1 -s < ../comfy/quant_tools/upstream/comfyui.patch)
 mkdir -p .upstream/comfy/quant && cp -r comfy/quant/. .upstream/comfy/quant/
 find .upstream -name __pycache__ -prune -exec rm -rf {} +
 (cd .upstream && rm -rf .git blueprints comfy_api_nodes tests tests-unit openapi.yaml \

@@ -27,7 +27,7 @@ import torch
 import comfy.ops
 import comfy.sd
 from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
-from comfy.quant.quantizer import QuantizeOptions, quantize_state_dict
+from comfy.quant_tools.quantizer import QuantizeOptions, quantize_state_dict
 from reference import awq_forward, svdquant_forward, unit_roundoff
 
 HEADS, HEAD_DIM, TXT_DIM, IN_CH = 4, 64, 128, 64

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfy.quant import bench, cli
+from comfy.quant_tools import bench, cli
 
 
 @pytest.fixture(scope="module")

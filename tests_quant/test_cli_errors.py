@@ -9,18 +9,20 @@ import re
 import pytest
 import torch
 
-import comfy.quant.demo
+import comfy.quant_tools.demo
 import comfy.sd
 import comfy.utils
 import kernel_env
 import nunchaku_fixtures as F
-from comfy.quant import cli, kernels, quantizer
-from comfy.quant.demo import DemoConfig, agreement, demo_inputs, synthetic_state_dict
+from comfy.quant import kernels
+from comfy.quant_tools import cli, quantizer
+from comfy.quant_tools.demo import DemoConfig, agreement, demo_inputs, synthetic_state_dict
 from comfy.quant.errors import (OutputFileError, QuantFileError, QuantizedLayerError, QuantizeInputError,
                                 UnreadableFileError)
-from comfy.quant.inspect_file import inspect_checkpoint
-from comfy.quant.nunchaku import NunchakuConversionError, convert_nunchaku_file
-from comfy.quant.quantizer import QuantizeOptions, quantize_file
+from comfy.quant_tools.inspect_file import inspect_checkpoint
+from comfy.quant.nunchaku import NunchakuConversionError
+from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file
+from comfy.quant_tools.quantizer import QuantizeOptions, quantize_file
 
 def _run(capsys, *argv):
     code = cli.main(list(argv))
@@ -225,7 +227,7 @@ def test_outputs_refused_before_any_work(files, tmp_path, capsys, monkeypatch, c
         out.mkdir()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     _no_work(monkeypatch)
-    monkeypatch.setattr("comfy.quant.nunchaku.streaming_file", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr("comfy.quant_tools.convert_nunchaku.streaming_file", lambda *a: pytest.fail("work started"))
     code, err = _run(capsys, command, str(src), str(out))
     expected = {"exists": "output exists; refusing to replace it (--force to overwrite)",
                 "directory": "output is a directory", "missing folder": "does not exist",
@@ -390,13 +392,13 @@ def test_calibration_control_a_fitting_file_is_used(files, tmp_path, capsys):
 # ---- demo: progress as it goes; a second run in the same folder works ----
 
 def test_demo_announces_each_step_and_reruns(tmp_path, capsys, caplog, monkeypatch):
-    monkeypatch.setattr(comfy.quant.demo, "DemoConfig", functools.partial(DemoConfig, num_layers=1, latent_size=8,
+    monkeypatch.setattr(comfy.quant_tools.demo, "DemoConfig", functools.partial(DemoConfig, num_layers=1, latent_size=8,
                                                                           text_tokens=4))  # the steps, faster
-    assert logging.getLogger("comfy.quant.demo").getEffectiveLevel() > logging.INFO  # the CLI must turn INFO on
+    assert logging.getLogger("comfy.quant_tools.demo").getEffectiveLevel() > logging.INFO  # the CLI must turn INFO on
     for run in range(2):
         caplog.clear()
         assert cli.main(["demo", "--workdir", str(tmp_path)]) == 0, run
-        steps = [r.getMessage() for r in caplog.records if r.name == "comfy.quant.demo"]
+        steps = [r.getMessage() for r in caplog.records if r.name == "comfy.quant_tools.demo"]
         words = ("building", "calibrating", "quantizing", "validating", "loading", "running", "LoRA: loading",
                  "LoRA: patching")
         assert len(steps) == len(words) and all(s.startswith(w) for s, w in zip(steps, words)), steps

@@ -153,7 +153,7 @@ def _clean_nunchaku():
 def test_fuzz_nunchaku_checkpoint(tmp_path_factory, mutation):
     """The same mutations on a Nunchaku file, loaded directly and through convert-nunchaku: both refuse with
     a documented error or both load; the converter leaves no output behind when it refuses."""
-    from comfy.quant.nunchaku import convert_nunchaku_file
+    from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file
     sd, meta = _clean_nunchaku()
     apply_tensor_mutation(sd, meta, mutation)
     d = tmp_path_factory.mktemp("nunchaku")

@@ -10,7 +10,7 @@ import torch
 
 import comfy.sd
 import comfy.utils
-from comfy.quant.demo import DemoConfig, synthetic_state_dict
+from comfy.quant_tools.demo import DemoConfig, synthetic_state_dict
 from comfy.quant.errors import IncompleteModelError, MetadataError, QuantFileError, QuantizedLayerError
 from comfy.quant.formats import encode_config
 from lora_helpers import checkpoint

@@ -18,10 +18,11 @@ from safetensors.torch import save_file
 
 import comfy.sd
 import nunchaku_fixtures as F
-from comfy.quant import cli
+from comfy.quant_tools import cli
 from comfy.quant.errors import MetadataError, OutputFileError, QuantizedLayerError, UnreadableFileError
-from comfy.quant.inspect_file import inspect_checkpoint
-from comfy.quant.nunchaku import NunchakuConversionError, convert_nunchaku_file
+from comfy.quant_tools.inspect_file import inspect_checkpoint
+from comfy.quant.nunchaku import NunchakuConversionError
+from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file
 from factories import poisoned
 
 FP32 = {"dtype": torch.float32}

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import comfy.quant.install as inst
-from comfy.quant.install import MARKER, PATCH_IN_PACKAGE, InstallError, State, check, install, uninstall
+import comfy.quant_tools.install as inst
+from comfy.quant_tools.install import MARKER, PATCH_IN_PACKAGE, InstallError, State, check, install, uninstall
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_second_install_is_a_noop(env):
 
 
 def test_check_states_and_exit_codes(env, capsys):
-    from comfy.quant.cli import main
+    from comfy.quant_tools.cli import main
 
     root, patch, source = env
     argv = ["install-comfyui", str(root), "--check", "--patch", str(patch)]

@@ -163,7 +163,7 @@ def test_invalid_split_json_refused_naming_layer_and_field(case):
 
 
 def test_inspect_reports_a_split_that_does_not_sum(tmp_path):
-    from comfy.quant.inspect_file import inspect_checkpoint
+    from comfy.quant_tools.inspect_file import inspect_checkpoint
     t, conf = _linear2()
     path = tmp_path / "bad.safetensors"
     comfy.utils.save_torch_file(prefixed(L2, _file(t, {**conf, "in_splits": [D, M - 64]})), str(path))
@@ -533,7 +533,7 @@ def test_lora_on_the_triton_path_and_unpatch_bit_exact():
 
 def test_inspect_reports_a_flux_native_file_with_its_split(tmp_path):
     """``inspect`` of a native Flux file: no problems, and linear2's signedness shown per input segment."""
-    from comfy.quant.inspect_file import format_report, inspect_checkpoint
+    from comfy.quant_tools.inspect_file import format_report, inspect_checkpoint
     sd, meta = A.to_native(A.natural_int4("flux", seed=2))
     path = tmp_path / "flux.safetensors"
     comfy.utils.save_torch_file(sd, path, metadata=meta)

@@ -30,7 +30,7 @@ from comfy import weight_adapter
 from comfy.quant import host
 from comfy.quant.deltas import output_terms
 from comfy.quant.errors import LoraError
-from comfy.quant.lora_check import has_problems, lora_check
+from comfy.quant_tools.lora_check import has_problems, lora_check
 
 QKV = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v")
 SVD = QKV[1]  # an SVDQuant W4A4 layer in a q/k/v share group

@@ -725,7 +725,7 @@ def test_failure_while_patching_leaves_nothing_half_patched(monkeypatch):
 
 
 def test_lora_check_reports_each_mapping_how_it_applies_and_what_did_not_map():
-    from comfy.quant.lora_check import lora_check
+    from comfy.quant_tools.lora_check import lora_check
 
     mp = H.load_model()
     r = 4

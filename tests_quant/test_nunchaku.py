@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import nunchaku_packer as P
 from comfy.quant import nunchaku as nk
+from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file
 from comfy.quant.packing import pack_int4, unpack_int4
 
 U32 = 2.0 ** -24   # unit roundoff of fp32
@@ -287,7 +288,7 @@ def test_file_and_memory_paths_identical(fake, tmp_path):
     src = tmp_path / "svdq-int4_r32-tiny.safetensors"
     dst = tmp_path / "tiny-comfy.safetensors"
     save_file(stored, str(src), metadata=meta)
-    file_meta = nk.convert_nunchaku_file(str(src), str(dst), progress=False)
+    file_meta = convert_nunchaku_file(str(src), str(dst), progress=False)
     assert not os.path.exists(str(dst) + ".partial")
 
     sd = dict(stored)
@@ -485,5 +486,5 @@ def test_file_conversion_error_leaves_no_output(tmp_path):
     src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     save_file(sd, str(src), metadata=meta)
     with pytest.raises(ValueError, match=r"txt_mlp\.net\.2.*proj_up.*expected shape \(256, 32\).*got shape \(256, 16\)"):
-        nk.convert_nunchaku_file(str(src), str(dst), progress=False)
+        convert_nunchaku_file(str(src), str(dst), progress=False)
     assert not dst.exists() and not os.path.exists(str(dst) + ".partial")

@@ -24,6 +24,7 @@ import arch_fixtures as A
 from comfy.quant import architectures as AR
 from comfy.quant import host
 from comfy.quant import nunchaku as nk
+from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file
 
 from arch_fixtures import VARIANTS, bits_equal, decode_json  # noqa: E402
 
@@ -103,7 +104,7 @@ def test_file_conversion_is_the_same_file(variant, nats, tmp_path):
     sd, meta = nunchaku_file(nat)
     src, dst = tmp_path / "svdq-int4_r32-tiny.safetensors", tmp_path / "tiny-native.safetensors"
     save_file(sd, str(src), metadata=meta)
-    file_meta = nk.convert_nunchaku_file(str(src), str(dst), progress=False)
+    file_meta = convert_nunchaku_file(str(src), str(dst), progress=False)
     assert not os.path.exists(str(dst) + ".partial")
     mem, mem_meta = nk.convert_nunchaku_state_dict(sd, meta)
     from_file = load_file(str(dst))
@@ -322,7 +323,7 @@ def test_file_errors_name_the_file(nats, tmp_path):
     src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     save_file(sd, str(src), metadata=meta)
     with pytest.raises(nk.NunchakuConversionError, match=r"single_transformer_blocks\.1\.out_proj.*'proj_down'") as exc:
-        nk.convert_nunchaku_file(str(src), str(dst), progress=False)
+        convert_nunchaku_file(str(src), str(dst), progress=False)
     assert str(src) in str(exc.value)
     assert not dst.exists() and not os.path.exists(str(dst) + ".partial")
 

@@ -33,7 +33,8 @@ import nunchaku_fixtures as F
 import nunchaku_packer as P
 from comfy.nodes import LoraLoaderModelOnly, UNETLoader
 from comfy.quant import nunchaku as nk
-from comfy.quant.inspect_file import inspect_checkpoint
+from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file
+from comfy.quant_tools.inspect_file import inspect_checkpoint
 from reference import awq_forward, kernel_tolerance, svdquant_forward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def files(natural, tmp_path_factory):
     src = d / "svdq-int4_r32-tiny-qwen-image.safetensors"
     save_file(sd, str(src), metadata=meta)
     dst = d / "tiny-qwen-image-comfy-int4.safetensors"
-    nk.convert_nunchaku_file(str(src), str(dst), progress=False)
+    convert_nunchaku_file(str(src), str(dst), progress=False)
     return {"nunchaku": str(src), "converted": str(dst), "dir": d}
 
 

@@ -20,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from arch_fixtures import ARCHS, comfy_float_state_dict, tiny_config, w4a4_reference
-from comfy.quant import cli, quantizer
+from comfy.quant_tools import cli, quantizer
 from comfy.quant.errors import QuantFileError, QuantizeInputError
-from comfy.quant.quantizer import (QuantizeOptions, layer_configs, quantize_file, quantize_state_dict,
+from comfy.quant_tools.quantizer import (QuantizeOptions, layer_configs, quantize_file, quantize_state_dict,
                                    quantize_svdquant, record_activation_stats)
 from reference import UNSIGNED_SHIFT, awq_weight, svdquant_residual, unpack_nibbles
 

@@ -14,10 +14,10 @@ import comfy.ops
 import comfy.sd
 import comfy.utils
 from comfy.quant import kitchen
-from comfy.quant.demo import DemoConfig, agreement, demo_inputs, synthetic_state_dict
-from comfy.quant.inspect_file import inspect_checkpoint
-from comfy.quant.nunchaku import convert_nunchaku_file
-from comfy.quant.quantizer import (BLOCK, JOINT_MEMBERS, QuantizeOptions, quantize_awq, quantize_file,
+from comfy.quant_tools.demo import DemoConfig, agreement, demo_inputs, synthetic_state_dict
+from comfy.quant_tools.inspect_file import inspect_checkpoint
+from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file
+from comfy.quant_tools.quantizer import (BLOCK, JOINT_MEMBERS, QuantizeOptions, quantize_awq, quantize_file,
                                    quantize_state_dict, quantize_svdquant, record_activation_stats)
 from reference import (UNSIGNED_SHIFT, awq_weight, kernel_tolerance, quantize_activation, svdquant_forward,
                        svdquant_residual, unpack_nibbles)

@@ -3,7 +3,7 @@
 Each test runs one scenario of ``upstream_scenarios.py`` in a subprocess (``upstream_env.run_in_comfyui``)
 and asserts here, against expectations computed in this process from the files it wrote with this
 repository's code. Skipped when the upstream tree is absent (``$COMFYUI_PATH`` or
-``../shared/upstream/ComfyUI``) and, for the patched copy, until ``comfy/quant/upstream/comfyui.patch``
+``../shared/upstream/ComfyUI``) and, for the patched copy, until ``comfy/quant_tools/upstream/comfyui.patch``
 exists.
 """
 from __future__ import annotations
@@ -160,7 +160,7 @@ def test_lora_nodes_clones_strength_and_unpatch(comfyui, models, tmp_path):
       dtype), outputs bit-identical to the unpatched ones, and q/k/v (both streams, every block) share one
       smoothing factor and one proj_down (same data_ptr as before).
     """
-    from comfy.quant.demo import demo_inputs
+    from comfy.quant_tools.demo import demo_inputs
     probes = [*U.LORA_TARGETS, UNTOUCHED]
     xs = _inputs({p: models.int4_layers[p] for p in probes}, 3000)
     mx, mt, mctx = demo_inputs(U.int4_config(), seed=5)
@@ -375,7 +375,7 @@ def _arch_models(arch, d, source="nunchaku"):
     import safetensors.torch
 
     import arch_fixtures as A
-    from comfy.quant.quantizer import QuantizeOptions, quantize_file
+    from comfy.quant_tools.quantizer import QuantizeOptions, quantize_file
     (d / "diffusion_models").mkdir(parents=True)
     (d / "loras").mkdir()
     if source == "nunchaku":

@@ -4,7 +4,7 @@
   ComfyUI at commit 4f874c5). Absent → every test that needs it skips, saying so.
 * ``comfyui`` (session fixture): a temporary copy of that tree with the project installed
   (``install_project``: ``python -m comfy.quant install-comfyui`` when this checkout has it, else
-  copy ``comfy/quant`` + ``git apply comfy/quant/upstream/comfyui.patch``), on which upstream's own
+  copy ``comfy/quant`` + ``git apply comfy/quant_tools/upstream/comfyui.patch``), on which upstream's own
   ``tests-unit/comfy_quant`` is run once. ``comfyui_unpatched``: a plain copy.
 * ``run_in_comfyui(copy, scenario, workdir, **params)``: one subprocess running
   ``upstream_scenarios.py`` there (cwd = the copy, PYTHONPATH = the copy + ``tests_quant/stubs``,
@@ -34,7 +34,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 STUBS_DIR = TESTS_DIR / "stubs"
 SCENARIOS = TESTS_DIR / "upstream_scenarios.py"
-PATCH = REPO_ROOT / "comfy" / "quant" / "upstream" / "comfyui.patch"
+PATCH = REPO_ROOT / "comfy" / "quant_tools" / "upstream" / "comfyui.patch"
 UPSTREAM_ARGS = ("--cpu",)
 SCENARIO_TIMEOUT_S = 300
 UNIT_TESTS = "tests-unit/comfy_quant"
@@ -169,7 +169,7 @@ def format_errors(errors: dict[str, str]) -> str:
 # ------------------------------------------------------------------------------------ test files
 def int4_config():
     """demo.py's model at 2 blocks: dim 256 (2 heads x 128, RoPE 16/56/56), text dim 256, rank 32; latent 8x8."""
-    from comfy.quant.demo import DemoConfig
+    from comfy.quant_tools.demo import DemoConfig
     return DemoConfig(num_layers=2, latent_size=8, text_tokens=8)
 
 
@@ -178,8 +178,8 @@ def build_int4_qwen_image(path: Path, cfg=None) -> None:
     import comfy.ops
     import comfy.utils
     from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
-    from comfy.quant.demo import demo_inputs, model_kwargs, synthetic_state_dict
-    from comfy.quant.quantizer import QuantizeOptions, quantize_file, record_activation_stats
+    from comfy.quant_tools.demo import demo_inputs, model_kwargs, synthetic_state_dict
+    from comfy.quant_tools.quantizer import QuantizeOptions, quantize_file, record_activation_stats
 
     cfg = cfg or int4_config()
     sd = synthetic_state_dict(cfg)

@@ -524,11 +524,11 @@ def scenario_lora_layers(rec, params):
 
 
 def scenario_lora_check(rec, params):
-    """``comfy.quant.lora_check.lora_check`` (what ``python -m comfy.quant lora-check`` prints) on the model
+    """``comfy.quant_tools.lora_check.lora_check`` (what ``python -m comfy.quant lora-check`` prints) on the model
     ``UNETLoader`` gives for ``params["model"]`` and the LoRA file ``params["lora"]``."""
     import comfy.utils
     import folder_paths
-    from comfy.quant.lora_check import has_problems, lora_check
+    from comfy.quant_tools.lora_check import has_problems, lora_check
     _setup_folders(params)
     with rec.step("check"):
         patcher = _load_unet(params["model"])

@@ -1,4 +1,5 @@
-"""Native int4 (SVDQuant W4A4, AWQ W4A16) support: formats, loading, LoRA deltas, tools.
+"""Native int4 (SVDQuant W4A4, AWQ W4A16) support: formats, loading, Nunchaku conversion at load, LoRA deltas.
 
-Depends only on torch, comfy-kitchen and safetensors, so it can move into upstream ComfyUI as is.
+The run-time part that goes into ComfyUI; it depends only on torch, comfy-kitchen and safetensors (Triton
+optional, for the GPU kernels). The tools (quantizer, CLI, bench, demo, installer) are ``comfy.quant_tools``.
 """

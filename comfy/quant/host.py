@@ -1,6 +1,6 @@
 """The interface a ComfyUI host calls for int4 layers: the whole of it, in one place.
 
-Upstream ComfyUI (through the shipped patch, ``comfy/quant/upstream/comfyui.patch``) and this
+Upstream ComfyUI (through the shipped patch, ``comfy/quant_tools/upstream/comfyui.patch``) and this
 repository's embedded host call these functions the same way and rely on nothing else of this
 package. A host's linear module needs ``weight``, ``bias``, ``in_features``, ``out_features`` and
 ``factory_kwargs = {"device": ..., "dtype": compute dtype}``.
@@ -44,7 +44,7 @@ from comfy.quant.layer import (checked_bias, is_int4, linear_forward, load_linea
 from comfy.quant.loading import check_state_dict, load_state_dict
 from comfy.quant.patching import (Backup, adapter_problem, check_strength, group_is_patched, lora_alpha,
                                   patch_problem, patch_weight, strength_problem)
-from comfy.quant.safetensors_stream import raise_if_unreadable
+from comfy.quant.files import raise_if_unreadable
 
 logger = logging.getLogger(__name__)
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -74,7 +73,6 @@ from comfy.quant.nunchaku_layout import (  # noqa: F401  (re-exported: the conve
 from comfy.quant.formats.base import (check_finite, check_slot_values, encode_config, is_int, nonfinite_summary,
                                      quantization_header)
 from comfy.quant.packing import pack_int4
-from comfy.quant.safetensors_stream import check_output, entry_bound, open_checked, streaming_file
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +239,7 @@ class _Unit:
 
 
 @dataclass
-class _Plan:
+class Plan:
     model: str
     arch: AR.Architecture
     inner_dim: int | None
@@ -401,7 +399,7 @@ def _check_outputs(units: list) -> None:
             made[out] = unit.name
 
 
-def _build_plan(keys: Iterable[str], metadata: Mapping | None, shape_of: Callable[[str], tuple]) -> _Plan:
+def build_plan(keys: Iterable[str], metadata: Mapping | None, shape_of: Callable[[str], tuple]) -> Plan:
     keys = sorted(keys)
     key_set = set(keys)
     qconfig = _parse_json_meta(metadata, "quantization_config", strict=True)
@@ -459,7 +457,7 @@ def _build_plan(keys: Iterable[str], metadata: Mapping | None, shape_of: Callabl
         config_str = raw if isinstance(raw, str) else json.dumps(raw)
     model_class = (metadata or {}).get("model_class")
     comfy_config = _parse_json_meta(metadata, "comfy_config", strict=False)
-    return _Plan(model=arch.name, arch=arch, inner_dim=inner, units=units, config_str=config_str,
+    return Plan(model=arch.name, arch=arch, inner_dim=inner, units=units, config_str=config_str,
                  model_class=str(model_class) if model_class else None,
                  qconfig=qconfig if isinstance(qconfig, dict) else None,
                  comfy_config=comfy_config if isinstance(comfy_config, dict) else None)
@@ -467,7 +465,7 @@ def _build_plan(keys: Iterable[str], metadata: Mapping | None, shape_of: Callabl
 
 def check_convertible(keys: Iterable[str], metadata: Mapping | None, shape_of: Callable[[str], tuple]) -> dict:
     """Run every check that needs no tensor values; returns unit counts by kind or raises the first problem."""
-    plan = _build_plan(keys, metadata, shape_of)
+    plan = build_plan(keys, metadata, shape_of)
     counts: dict = {}
     for unit in plan.units:
         counts[unit.kind] = counts.get(unit.kind, 0) + 1
@@ -479,7 +477,7 @@ def value_problems(keys: Iterable[str], metadata: Mapping | None, shape_of: Call
     """The converter's value checks on every quantized module's float tensors, read with ``read(key)``
     (never ``qweight``): ``(problems, warnings)`` as text, one problem per module at most. Raises what
     ``check_convertible`` raises."""
-    plan = _build_plan(keys, metadata, shape_of)
+    plan = build_plan(keys, metadata, shape_of)
     problems, warnings = [], []
     for unit in plan.units:
         if unit.kind == "float":
@@ -683,7 +681,7 @@ def _concat_k(unit: _Unit, nats: list) -> tuple[list, dict]:
     return _layer_out(name, tensors, jcfg), {name: jcfg}
 
 
-def _convert_w4a4(unit: _Unit, parts: list, plan: _Plan) -> tuple[list, dict]:
+def _convert_w4a4(unit: _Unit, parts: list, plan: Plan) -> tuple[list, dict]:
     nats = [_w4a4_natural(src.name, t, unit.out_names) for src, t in zip(unit.sources, parts)]
     if unit.how == AR.CONCAT_ROWS:
         return _concat_rows(unit, nats)
@@ -719,7 +717,7 @@ def _convert_w4a4(unit: _Unit, parts: list, plan: _Plan) -> tuple[list, dict]:
     return out, layers
 
 
-def _convert_awq(unit: _Unit, parts: list, plan: _Plan) -> tuple[list, dict]:
+def _convert_awq(unit: _Unit, parts: list, plan: Plan) -> tuple[list, dict]:
     t = parts[0]
     mod = unit.name
     s = unit.interleave
@@ -797,7 +795,7 @@ def _convert_float(unit: _Unit, parts: list) -> list:
     return [(unit.out_names[0], torch.cat(chunks[::-1], 0))]   # SWAP_HALVES
 
 
-def _convert_unit(unit: _Unit, parts: list, plan: _Plan) -> tuple[list, dict]:
+def convert_unit(unit: _Unit, parts: list, plan: Plan) -> tuple[list, dict]:
     """parts: one dict per source, canonical suffix -> tensor (for a float source: "" -> tensor)."""
     if unit.kind == "float":
         return _convert_float(unit, parts), {}
@@ -806,7 +804,7 @@ def _convert_unit(unit: _Unit, parts: list, plan: _Plan) -> tuple[list, dict]:
     return _convert_awq(unit, parts, plan)
 
 
-def _output_metadata(plan: _Plan, layers: dict) -> dict:
+def output_metadata(plan: Plan, layers: dict) -> dict:
     meta = {"_quantization_metadata": quantization_header(layers)}
     if plan.config_str is not None:
         meta["config"] = plan.config_str
@@ -821,7 +819,7 @@ def _output_metadata(plan: _Plan, layers: dict) -> dict:
     return meta
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def progress_bar(total: int, enabled: bool, desc: str):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a declared dependency
@@ -830,7 +828,7 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=None if enabled else True, desc=desc, unit="module")
 
 
-def _log_summary(plan: _Plan, layers: dict) -> None:
+def log_summary(plan: Plan, layers: dict) -> None:
     n_w4a4 = sum(1 for v in layers.values() if v["format"] == "svdquant_w4a4")
     n_awq = sum(1 for v in layers.values() if v["format"] == "awq_w4a16")
     logger.info("Converted Nunchaku %s checkpoint: %d SVDQuant W4A4 layers, %d AWQ W4A16 layers",
@@ -851,14 +849,14 @@ def convert_nunchaku_state_dict(sd: dict, metadata: Mapping | None = None,
     Returns ``(new_sd, new_metadata)``; ``new_metadata`` holds ``_quantization_metadata`` (and
     ``config`` when the input metadata had it).
     """
-    plan = _build_plan(list(sd.keys()), metadata, lambda key: tuple(sd[key].shape))
+    plan = build_plan(list(sd.keys()), metadata, lambda key: tuple(sd[key].shape))
     new_sd: dict = {}
     layers: dict = {}
-    bar = _progress(len(plan.units), progress, "Converting Nunchaku checkpoint")
+    bar = progress_bar(len(plan.units), progress, "Converting Nunchaku checkpoint")
     try:
         for unit in plan.units:
             tensors = [{canon: sd.pop(key) for canon, key in src.keys.items()} for src in unit.sources]
-            out, lay = _convert_unit(unit, tensors, plan)
+            out, lay = convert_unit(unit, tensors, plan)
             del tensors
             for name, tensor in out:
                 new_sd[name] = tensor
@@ -868,92 +866,5 @@ def convert_nunchaku_state_dict(sd: dict, metadata: Mapping | None = None,
     finally:
         if bar is not None:
             bar.close()
-    _log_summary(plan, layers)
-    return new_sd, _output_metadata(plan, layers)
-
-
-# ----------------------------------------------------------------------------------------------
-# Streaming file conversion
-# ----------------------------------------------------------------------------------------------
-
-def _header_bound(plan: _Plan, get_shape: Callable[[str], tuple], metadata_sizes: int) -> int:
-    """Upper bound of the output header: every input key yields at most 3 outputs whose names are at
-    most 32 bytes longer; quantized modules add comfy_quant entries and their _quantization_metadata line."""
-    total = metadata_sizes + 4096
-    for unit in plan.units:
-        fan = max(1, len(unit.out_names))
-        for key in unit.input_keys():
-            total += fan * (entry_bound(key, len(get_shape(key))) + 32)
-        if unit.kind != "float":
-            longest = max(len(json.dumps(n)) for n in (unit.name, *unit.out_names))
-            total += fan * 2 * (longest + 32 + 240)
-    return total
-
-
-def _not_nunchaku(in_path, keys: list[str], metadata: Mapping) -> NunchakuConversionError:
-    """The refusal of a file that is no Nunchaku checkpoint, saying what it is instead."""
-    native = sum(k.endswith(".comfy_quant") for k in keys)
-    if native or "_quantization_metadata" in metadata:
-        got = f"a ComfyUI-native int4 checkpoint ({native} layers with comfy_quant)"
-        why = "already converted: load it as it is"
-    else:
-        got = "no Nunchaku tensors (.qweight, .wscales, ...) or metadata (model_class, quantization_config)"
-        why = "not a Nunchaku checkpoint (a float model?)"
-    return NunchakuConversionError(f"convert_nunchaku_file: {why}; expected a Nunchaku SVDQuant checkpoint, got {got}",
-                                   file=in_path, expected="a Nunchaku SVDQuant checkpoint", got=got)
-
-
-def convert_nunchaku_file(in_path: str, out_path: str, progress: bool = True, overwrite: bool = False) -> dict:
-    """Convert a Nunchaku ``.safetensors`` file to ComfyUI's native int4 layout on disk.
-
-    Reads module by module through ``safe_open`` and writes each converted tensor straight to
-    ``out_path`` (via ``<out_path>.partial``, renamed at the end), so memory holds one module at a
-    time; on any failure nothing is left at ``out_path``. Refused before any work: an output that
-    ``check_output`` refuses (an existing file unless ``overwrite``), an unreadable input
-    (``UnreadableFileError``) and a file that is no Nunchaku checkpoint. Errors about the input name
-    ``in_path``. Returns the output file's metadata.
-    """
-    check_output(in_path, out_path, "convert_nunchaku_file", overwrite=overwrite)
-    with open_checked(in_path) as f:
-        try:
-            return _convert_open_file(f, in_path, out_path, progress)
-        except QuantFileError as e:
-            raise e.with_file(in_path)
-
-
-def _convert_open_file(f, in_path: str, out_path: str, progress: bool) -> dict:
-    metadata = dict(f.metadata() or {})
-    keys = list(f.keys())
-    if not is_nunchaku_checkpoint(keys, metadata):
-        raise _not_nunchaku(in_path, keys, metadata)
-    shapes = {}
-
-    def get_shape(key: str) -> tuple:
-        if key not in shapes:
-            shapes[key] = tuple(f.get_slice(key).get_shape())
-        return shapes[key]
-
-    plan = _build_plan(keys, metadata, get_shape)
-    # the output repeats model_class / quantization_config (escaped, inside converted_from) once more
-    meta_size = 3 * sum(len(json.dumps(k)) + len(json.dumps(v)) + 8 for k, v in metadata.items())
-    layers: dict = {}
-    bar = _progress(len(plan.units), progress, f"Converting {os.path.basename(in_path)}")
-    try:
-        with streaming_file(out_path, _header_bound(plan, get_shape, meta_size)) as writer:
-            for unit in plan.units:
-                tensors = [{canon: f.get_tensor(key) for canon, key in src.keys.items()} for src in unit.sources]
-                out, lay = _convert_unit(unit, tensors, plan)
-                del tensors
-                for name, tensor in out:
-                    writer.add(name, tensor)
-                del out
-                layers.update(lay)
-                if bar is not None:
-                    bar.update(1)
-            out_meta = _output_metadata(plan, layers)
-            writer.finish(out_meta)
-    finally:
-        if bar is not None:
-            bar.close()
-    _log_summary(plan, layers)
-    return out_meta
+    log_summary(plan, layers)
+    return new_sd, output_metadata(plan, layers)

@@ -4,7 +4,7 @@
 
 * the package directory (``comfy/quant/`` here, without ``__pycache__``/``*.pyc``) is copied to
   ``PATH/comfy/quant/``, with a marker file ``INSTALLED_FROM`` that says it is ours;
-* the core patch (``comfy/quant/upstream/comfyui.patch``, a ``git diff`` against upstream ComfyUI) is
+* the core patch (``comfy/quant_tools/upstream/comfyui.patch``, a ``git diff`` against upstream ComfyUI) is
   applied to the files of PATH with ``git apply`` (work tree only, never the index; no fuzz).
 
 The copied package carries, at ``upstream/comfyui.patch``, the very patch that was applied, so a later
@@ -27,8 +27,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_PATCH = PACKAGE_DIR / "upstream" / "comfyui.patch"
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "quant"  # the run-time package that is installed
+DEFAULT_PATCH = Path(__file__).resolve().parent / "upstream" / "comfyui.patch"
 PATCH_IN_PACKAGE = "upstream/comfyui.patch"  # relative to the package, as a posix path
 MARKER = "INSTALLED_FROM"
 MARKER_SIGNATURE = "# comfy.quant installed by `python -m comfy.quant install-comfyui`"

@@ -42,7 +42,8 @@ from comfy.quant.errors import QuantFileError, QuantizeInputError
 from comfy.quant.formats import decode_config, encode_config, quantization_header
 from comfy.quant.formats.svdquant_w4a4 import GROUP_SIZE, UNSIGNED_SHIFT
 from comfy.quant.packing import pack_int4
-from comfy.quant.safetensors_stream import check_output, entry_bound, open_checked, streaming_file
+from comfy.quant_tools.safetensors_stream import check_output, entry_bound, streaming_file
+from comfy.quant.files import open_checked
 
 logger = logging.getLogger(__name__)
 

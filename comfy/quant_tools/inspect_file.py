@@ -16,7 +16,7 @@ from comfy.quant import formats, metadata as meta_json, nunchaku
 from comfy.quant.errors import MetadataError, QuantizedLayerError
 from comfy.quant.formats.base import check_finite
 from comfy.quant.loading import quantization_layers
-from comfy.quant.safetensors_stream import open_checked
+from comfy.quant.files import open_checked
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

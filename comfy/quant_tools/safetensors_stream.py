@@ -13,10 +13,9 @@ import math
 import os
 import struct
 
-import safetensors
 import torch
 
-from comfy.quant.errors import OutputFileError, UnreadableFileError
+from comfy.quant.errors import OutputFileError
 
 _TORCH_TO_ST_DTYPE = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -102,31 +101,6 @@ def check_output(in_path, out_path, what: str, overwrite: bool = False) -> None:
         raise OutputFileError(f"{what}: the output's folder {parent} does not exist", file=out_path)
     if os.path.exists(out_path) and not overwrite:
         raise OutputFileError(f"{what}: output exists; refusing to replace it (--force to overwrite)", file=out_path)
-
-
-def raise_if_unreadable(path, error: Exception) -> None:
-    """Raise ``UnreadableFileError`` naming ``path`` when ``error``, raised while opening or reading a
-    safetensors file, says the file cannot be read (missing, a directory, truncated, a corrupt header);
-    any other error is left to the caller. Upstream's ``load_torch_file`` calls it in its handler."""
-    if os.path.isdir(path):
-        raise UnreadableFileError(path, "it is a directory") from None
-    if isinstance(error, FileNotFoundError):
-        raise UnreadableFileError(path, "no such file") from None
-    if isinstance(error, (safetensors.SafetensorError, OSError, ValueError, KeyError, struct.error)):
-        raise UnreadableFileError(path, str(error) or type(error).__name__) from None
-
-
-@contextlib.contextmanager
-def open_checked(path, device: str = "cpu"):
-    """``safetensors.safe_open(path)`` whose failures (missing, a directory, truncated, corrupt header)
-    are ``UnreadableFileError`` naming ``path``; errors raised inside the block pass through unchanged."""
-    try:
-        handle = safetensors.safe_open(str(path), framework="pt", device=str(device))
-    except Exception as e:
-        raise_if_unreadable(path, e)
-        raise
-    with handle as f:
-        yield f
 
 
 @contextlib.contextmanager

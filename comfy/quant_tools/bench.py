@@ -32,7 +32,7 @@ import comfy.sd
 from comfy.quant import formats, kernels, kitchen
 from comfy.quant.deltas import LowRankDelta
 from comfy.quant.packing import pack_int4, unpack_int4
-from comfy.quant.quantizer import AWQ, BLOCK, JOINT, JOINT_MEMBERS, SVDQUANT_SINGLE, UNSIGNED
+from comfy.quant_tools.quantizer import AWQ, BLOCK, JOINT, JOINT_MEMBERS, SVDQUANT_SINGLE, UNSIGNED
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from comfy.quant.quantizer import QuantizeOptions, quantize_file, record_activation_stats
+from comfy.quant_tools.quantizer import QuantizeOptions, quantize_file, record_activation_stats
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def run_demo(workdir="output/demo", cfg=DemoConfig(), lora_path=None, strength=1
     import comfy.ops
     import comfy.utils
     from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
-    from comfy.quant.inspect_file import inspect_checkpoint
+    from comfy.quant_tools.inspect_file import inspect_checkpoint
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)

@@ -14,20 +14,22 @@ EXIT_STATUS = ("exit status: 0 success; 1 inspect found problems, lora-check fou
 
 
 def _demo(args):
-    from comfy.quant.demo import DemoConfig, run_demo
+    from comfy.quant_tools.demo import DemoConfig, run_demo
 
-    package = logging.getLogger("comfy.quant")
-    level = package.level
-    package.setLevel(logging.INFO)  # each step announced as it starts, on stderr
+    loggers = [logging.getLogger(name) for name in ("comfy.quant", "comfy.quant_tools")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)  # each step announced as it starts, on stderr
     try:
         print(run_demo(args.workdir, DemoConfig(rank=args.rank, seed=args.seed), lora_path=args.lora,
                        strength=args.strength))
     finally:
-        package.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _quantize(args):
-    from comfy.quant.quantizer import QuantizeOptions, quantize_file
+    from comfy.quant_tools.quantizer import QuantizeOptions, quantize_file
 
     # quantize_file refuses a bad output, input or calibration before any work, and leaves nothing on failure
     counts = quantize_file(args.input, args.output, QuantizeOptions(rank=args.rank, smooth_alpha=args.alpha),
@@ -36,7 +38,7 @@ def _quantize(args):
 
 
 def _inspect(args):
-    from comfy.quant.inspect_file import format_report, inspect_checkpoint
+    from comfy.quant_tools.inspect_file import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(args.file)
     print(format_report(report))
@@ -46,7 +48,7 @@ def _inspect(args):
 def _lora_check(args):
     import comfy.sd
     import comfy.utils
-    from comfy.quant.lora_check import lora_check
+    from comfy.quant_tools.lora_check import lora_check
 
     patcher = comfy.sd.load_diffusion_model(args.model)
     rows, unmatched = lora_check(patcher, comfy.utils.load_torch_file(args.lora))
@@ -61,7 +63,7 @@ def _lora_check(args):
 
 
 def _convert_nunchaku(args):
-    from comfy.quant.nunchaku import convert_nunchaku_file
+    from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file
 
     summary = convert_nunchaku_file(args.input, args.output, overwrite=args.force)
     print(f"wrote {args.output}: {summary}")
@@ -70,7 +72,7 @@ def _convert_nunchaku(args):
 def _install_comfyui(args):
     import sys
 
-    from comfy.quant.install import DEFAULT_PATCH, InstallError, check, install, uninstall
+    from comfy.quant_tools.install import DEFAULT_PATCH, InstallError, check, install, uninstall
 
     patch = args.patch or DEFAULT_PATCH
     try:
@@ -90,7 +92,7 @@ def _bench(args):
     import os
     import sys
 
-    from comfy.quant.bench import SECTIONS, format_report, run_bench
+    from comfy.quant_tools.bench import SECTIONS, format_report, run_bench
 
     sections = tuple(s.strip() for s in args.only.split(",") if s.strip())
     if not sections or set(sections) - set(SECTIONS):
@@ -223,7 +225,7 @@ def _add_convert_nunchaku(sub):
 def _add_install_comfyui(sub):
     p = _command(
         sub, "install-comfyui", help="install this package into a ComfyUI checkout (copy comfy/quant, apply the core patch)",
-        description="Copy comfy/quant into PATH/comfy/quant and apply comfy/quant/upstream/comfyui.patch to PATH "
+        description="Copy comfy/quant into PATH/comfy/quant and apply comfy/quant_tools/upstream/comfyui.patch to PATH "
                     "with git apply, both or neither. Running it again is a no-op; refusals leave PATH unchanged. "
                     "Exit 0 on success, 2 on a refusal or error.")
     p.add_argument("path", help="the ComfyUI checkout: the folder holding nodes.py and comfy/")
@@ -232,7 +234,7 @@ def _add_install_comfyui(sub):
                       help="change nothing; print the state; exit 0 if installed and current, else 1")
     mode.add_argument("--uninstall", action="store_true",
                       help="reverse the patch and remove PATH/comfy/quant (refused if the patched files were edited)")
-    p.add_argument("--patch", help="the patch to apply (default: comfy/quant/upstream/comfyui.patch of this package)")
+    p.add_argument("--patch", help="the patch to apply (default: comfy/quant_tools/upstream/comfyui.patch of this package)")
     p.set_defaults(func=_install_comfyui)
 
 
