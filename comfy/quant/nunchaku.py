@@ -92,6 +92,7 @@ __all__ = [
     "awq_deinterleave",
     "awq_zeros_to_kitchen",
     "unfold_modulation_scale_bias",
+    "is_native_int4",
     "is_nunchaku_checkpoint",
     "check_convertible",
     "value_problems",
@@ -118,8 +119,10 @@ def _err(module: str, tensor: str, expected, got) -> NunchakuConversionError:
 # Recognising a Nunchaku checkpoint
 # ----------------------------------------------------------------------------------------------
 
-_NUNCHAKU_KEY_SUFFIXES = (".qweight", ".wscales", ".wzeros", ".smooth_factor", ".smooth_factor_orig",
-                          ".wcscales", ".wtscale")
+# Names only Nunchaku writes. ``.smooth_factor`` / ``.proj_down`` / ``.proj_up`` are not among them: ComfyUI PR
+# #13580 spells native int4 layers that way too (``comfy.quant.formats``), and every Nunchaku quantized module
+# has a ``.qweight`` and ``.wscales`` anyway.
+_NUNCHAKU_KEY_SUFFIXES = (".qweight", ".wscales", ".wzeros", ".smooth_factor_orig", ".wcscales", ".wtscale")
 
 
 def _parse_json_meta(metadata: Mapping | None, key: str, strict: bool):
@@ -135,13 +138,24 @@ def _parse_json_meta(metadata: Mapping | None, key: str, strict: bool):
         return None
 
 
+def is_native_int4(keys: Iterable[str], metadata: Mapping | None = None) -> bool:
+    """True if the file marks its quantized layers the ComfyUI way: a ``<layer>.comfy_quant`` tensor or a
+    ``_quantization_metadata`` header (whatever spelling its tensors use, and under any key prefix)."""
+    return bool(metadata and metadata.get("_quantization_metadata") is not None) or any(
+        k.endswith(".comfy_quant") for k in keys)
+
+
 def is_nunchaku_checkpoint(keys: Iterable[str], metadata: Mapping | None = None) -> bool:
     """True if the keys/metadata look like a Nunchaku SVDQuant checkpoint (any model, any precision).
 
     Recognised by metadata ``model_class`` (``Nunchaku...``) or ``quantization_config``
     (``method: svdquant``), or by Nunchaku-only tensor names (``.qweight``, ``.wscales``, ``.wzeros``,
-    ``.smooth_factor``, ...). A converted (ComfyUI-native) file is not recognised.
+    ``.smooth_factor_orig``, ...). A ComfyUI-native file (``is_native_int4``: converted, quantized here, or
+    written in PR #13580's spellings) never is, whatever else its metadata says.
     """
+    keys = list(keys)
+    if is_native_int4(keys, metadata):
+        return False
     if metadata:
         model_class = metadata.get("model_class")
         if isinstance(model_class, str) and model_class.startswith("Nunchaku"):

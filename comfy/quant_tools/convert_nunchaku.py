@@ -10,8 +10,8 @@ from typing import Callable, Mapping
 
 from comfy.quant.errors import QuantFileError
 from comfy.quant.files import open_checked
-from comfy.quant.nunchaku import (NunchakuConversionError, Plan, build_plan, convert_unit, is_nunchaku_checkpoint,
-                                  log_summary, output_metadata, progress_bar)
+from comfy.quant.nunchaku import (NunchakuConversionError, Plan, build_plan, convert_unit, is_native_int4,
+                                  is_nunchaku_checkpoint, log_summary, output_metadata, progress_bar)
 from comfy.quant_tools.safetensors_stream import check_output, entry_bound, streaming_file
 
 
@@ -31,14 +31,16 @@ def _header_bound(plan: Plan, get_shape: Callable[[str], tuple], metadata_sizes:
 
 def _not_nunchaku(in_path, keys: list[str], metadata: Mapping) -> NunchakuConversionError:
     """The refusal of a file that is no Nunchaku checkpoint, saying what it is instead."""
-    native = sum(k.endswith(".comfy_quant") for k in keys)
-    if native or "_quantization_metadata" in metadata:
-        got = f"a ComfyUI-native int4 checkpoint ({native} layers with comfy_quant)"
-        why = "already converted: load it as it is"
+    if is_native_int4(keys, metadata):
+        marked = sum(k.endswith(".comfy_quant") for k in keys)
+        got = (f"a ComfyUI-native int4 checkpoint ({marked} layers with comfy_quant)" if marked else
+               "a ComfyUI-native int4 checkpoint (layers listed in _quantization_metadata)")
+        why = ("already native int4 (already converted, quantized, or in PR #13580's key spellings): "
+               "load it as it is")
     else:
         got = "no Nunchaku tensors (.qweight, .wscales, ...) or metadata (model_class, quantization_config)"
         why = "not a Nunchaku checkpoint (a float model?)"
-    return NunchakuConversionError(f"convert_nunchaku_file: {why}; expected a Nunchaku SVDQuant checkpoint, got {got}",
+    return NunchakuConversionError(f"convert-nunchaku: {why}; expected a Nunchaku SVDQuant checkpoint, got {got}",
                                    file=in_path, expected="a Nunchaku SVDQuant checkpoint", got=got)
 
 
@@ -46,13 +48,13 @@ def convert_nunchaku_file(in_path: str, out_path: str, progress: bool = True, ov
     """Convert a Nunchaku ``.safetensors`` file to ComfyUI's native int4 layout on disk.
 
     Reads module by module through ``safe_open`` and writes each converted tensor straight to
-    ``out_path`` (via ``<out_path>.partial``, renamed at the end), so memory holds one module at a
+    ``out_path`` (via a new ``<out_path>.<random>.partial``, renamed at the end), so memory holds one module at a
     time; on any failure nothing is left at ``out_path``. Refused before any work: an output that
     ``check_output`` refuses (an existing file unless ``overwrite``), an unreadable input
     (``UnreadableFileError``) and a file that is no Nunchaku checkpoint. Errors about the input name
     ``in_path``. Returns the output file's metadata.
     """
-    check_output(in_path, out_path, "convert_nunchaku_file", overwrite=overwrite)
+    check_output(in_path, out_path, "convert-nunchaku", overwrite=overwrite)
     with open_checked(in_path) as f:
         try:
             return _convert_open_file(f, in_path, out_path, progress)

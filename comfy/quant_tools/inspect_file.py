@@ -14,8 +14,8 @@ import torch
 
 from comfy.quant import formats, metadata as meta_json, nunchaku
 from comfy.quant.errors import MetadataError, QuantizedLayerError
-from comfy.quant.formats.base import check_finite
-from comfy.quant.loading import quantization_layers
+from comfy.quant.formats.base import SPELLING_WRITERS, check_finite
+from comfy.quant.loading import header_prefix, quantization_layers
 from comfy.quant.files import open_checked
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -32,6 +32,7 @@ class LayerInfo:
     rank: int | None = None
     act_unsigned: bool | None = None
     nbytes: int = 0
+    spelled: list[str] = field(default_factory=list)  # its tensor names that are not the canonical spelling
 
 
 @dataclass
@@ -73,12 +74,18 @@ def inspect_checkpoint(path) -> Report:
                                      f.get_tensor)
         metas = {k: _meta_tensor(f, k) for k in keys}
         confs = {k[: -len(".comfy_quant")]: _small_tensor(f, k, metas[k]) for k in keys if k.endswith(".comfy_quant")}
-        for layer, conf in _header_layers(report, metadata).items():
-            confs.setdefault(layer, conf)
+        header = _header_layers(report, metadata)
+        prefix = header_prefix(keys, header)
+        if prefix:
+            report.notes.append(f"tensors carry the prefix '{prefix}', which the layer names of "
+                                "_quantization_metadata lack (the loader strips it)")
+        for layer, conf in header.items():
+            confs.setdefault(prefix + layer, conf)
         metas = {k: t for k, t in metas.items() if not k.endswith(".comfy_quant")}
         claimed = set()
         for layer, raw in sorted(confs.items()):
             claimed.update(_inspect_layer(report, layer, raw, metas, f.get_tensor))
+        _note_spellings(report)
     for key, t in metas.items():
         if key not in claimed:
             report.float_tensors += 1
@@ -119,6 +126,8 @@ def _inspect_layer(report: Report, layer: str, raw, metas, read) -> set[str]:
         if "weight_proj_down" in tensors:
             info.rank = tensors["weight_proj_down"].shape[-1]
         fmt.validate(layer, tensors, n, 2 * k_half, conf)  # shapes and dtypes, on meta tensors
+        _check_rank(layer, info)
+        info.spelled = sorted({key[len(prefix):] for key in keys} - {slot.key for slot in fmt.slots})
         side = {slot.key: read(key) for slot, key in zip(fmt.slots, keys) if not slot.packed}
         report.notes.extend(f"quantized layer '{layer}': {w}" for w in fmt.check_values(layer, side))
         bias = metas.get(prefix + "bias")
@@ -129,6 +138,27 @@ def _inspect_layer(report: Report, layer: str, raw, metas, read) -> set[str]:
     except ValueError as e:
         report.problems.append(str(e))
     return own
+
+
+def _check_rank(layer: str, info: LayerInfo) -> None:
+    """A problem when the layer's rank makes it larger than its bf16 weight (the rule ``quantize`` refuses by)."""
+    from comfy.quant_tools.quantizer import max_useful_rank, w4a4_bytes
+
+    n, k = info.out_features, info.in_features
+    if info.rank is None or info.rank <= max_useful_rank(n, k):
+        return
+    raise QuantizedLayerError(layer, "weight_proj_down", f"rank <= {max_useful_rank(n, k)} (a higher rank makes "
+                              f"the layer larger than its bf16 weight: {w4a4_bytes(n, k, info.rank):,} > "
+                              f"{2 * n * k:,} bytes)", f"rank {info.rank}")
+
+
+def _note_spellings(report: Report) -> None:
+    """One note for the layers stored in another writer's key spellings (they load as the canonical ones)."""
+    spelled = [li for li in report.layers if li.spelled]
+    if spelled:
+        names = sorted({name for li in spelled for name in li.spelled})
+        report.notes.append(f"{len(spelled)} of {len(report.layers)} quantized layers use the key spellings of "
+                            f"{SPELLING_WRITERS[1]} ({', '.join(names)}); they load as the canonical ones")
 
 
 def _inspect_nunchaku(report: Report, keys, metadata, shape_of, read) -> Report:

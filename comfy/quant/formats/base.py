@@ -34,12 +34,19 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ZERO_ALLOWED, ZERO_WARNED, ZERO_REFUSED = "allowed", "warned", "refused"
 
 
+# The writers whose key spellings load: ``TensorSlot.spellings[i]`` is writer i's name for a slot. 0, the
+# canonical one, written on save: comfy-kitchen's own ``state_dict_tensors`` (``weight_`` + its Params field),
+# which this package's quantizer and Nunchaku converter write. 1: ComfyUI PR #13580 (``proj_down``,
+# ``smooth_factor``, ``weight_zero``). A slot with one spelling is spelled the same by every writer.
+SPELLING_WRITERS = ("comfy-kitchen", "ComfyUI PR #13580")
+
+
 @dataclass(frozen=True)
 class TensorSlot:
     """One stored tensor of a quantized layer, as a suffix of ``<layer>.``."""
 
     key: str                        # canonical key, written on save
-    aliases: tuple[str, ...] = ()   # other spellings accepted on load
+    aliases: tuple[str, ...] = ()   # the other writers' spellings (SPELLING_WRITERS[1:]), accepted on load
     packed: bool = False            # int8 packed codes (kept as stored) vs float side tensor (cast)
     zero: str = ZERO_ALLOWED        # float side tensors: is 0 an allowed, warned-about or refused value
 
@@ -148,17 +155,39 @@ class QuantFormat:
 
     # ---- loading ----
     def find_tensors(self, state_dict: dict, prefix: str, layer: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """Every slot's tensor (under any spelling) and the file keys they came from; nothing is popped."""
-        found, keys = {}, []
+        """Every slot's tensor and the file keys they came from; nothing is popped. A slot may be spelled
+        by any writer (``SPELLING_WRITERS``), but by one only, and all of a layer's slots by the same one."""
+        found, keys, writer = {}, [], None
         for slot in self.slots:
             present = [k for k in slot.spellings if prefix + k in state_dict]
             if not present:
                 raise QuantizedLayerError(layer, slot.key, f"a tensor (any of {list(slot.spellings)})", "nothing")
             if len(present) > 1:
                 raise QuantizedLayerError(layer, slot.key, "one spelling", f"both {present}")
+            if slot.aliases:
+                index = slot.spellings.index(present[0])
+                if writer is not None and index != writer[0]:
+                    raise QuantizedLayerError(
+                        layer, present[0], f"'{slot.spellings[writer[0]]}' (the {SPELLING_WRITERS[writer[0]]} "
+                        f"spelling of its '{writer[1]}')", f"'{present[0]}' ({SPELLING_WRITERS[index]})")
+                writer = writer or (index, present[0])
             found[slot.key] = state_dict[prefix + present[0]]
             keys.append(prefix + present[0])
+        self._refuse_foreign(state_dict, prefix, layer)
         return found, keys
+
+    def _refuse_foreign(self, state_dict: dict, prefix: str, layer: str) -> None:
+        """A tensor only another int4 format has (``weight_zeros`` beside SVDQuant's tensors) makes no layer."""
+        from comfy.quant.formats import FORMATS
+
+        own = {name for slot in self.slots for name in slot.spellings}
+        for fmt in FORMATS.values():
+            for slot in fmt.slots:
+                stray = next((k for k in slot.spellings if k not in own and prefix + k in state_dict), None)
+                if stray is not None:
+                    raise QuantizedLayerError(layer, stray, f"only {self.name} tensors "
+                                              f"({', '.join(s.key for s in self.slots)}, bias)",
+                                              f"'{stray}', a tensor of {fmt.name}")
 
     def expected_shapes(self, out_features: int, in_features: int, conf: dict,
                         tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -283,7 +312,9 @@ def _tensor_bytes(raw: torch.Tensor, layer: str) -> bytes:
     if raw.numel() > metadata.LAYER_JSON_BYTES:
         raise QuantizedLayerError(layer, "comfy_quant", f"at most {metadata.LAYER_JSON_BYTES} bytes of JSON",
                                   f"{raw.numel()} bytes")
-    return raw.detach().to("cpu", torch.uint8).flatten().numpy().tobytes()
+    if raw.dtype != torch.uint8:  # a wider integer would be truncated to bytes silently
+        raise QuantizedLayerError(layer, "comfy_quant", "a uint8 tensor of UTF-8 JSON bytes", raw.dtype)
+    return raw.detach().to("cpu").flatten().numpy().tobytes()
 
 
 def decode_config(raw, layer: str) -> dict:

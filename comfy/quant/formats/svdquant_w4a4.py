@@ -36,8 +36,12 @@ logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 64
 UNSIGNED_SHIFT = 0.171875
-# Layers fed by a GELU: their main path runs unsigned (x + 0.171875). Used only when the JSON is silent.
+# Layers fed by a GELU: their main path runs unsigned (x + 0.171875). Used only when the JSON is silent, as
+# ComfyUI PR #13580 does for Qwen-Image's img_mlp.net.2 / txt_mlp.net.2 (its files carry no act_unsigned).
 POST_GELU_LAYERS = re.compile(r"(^|\.)((img|txt)_mlp\.net\.2|(img|txt)_mlp\.2|mlp_fc2|mlp_context_fc2)$")
+# Layers whose input joins a signed and a GELU (unsigned) part (Flux's single-block linear2): no one default
+# is right, so a JSON without act_unsigned is refused.
+INPUT_SPLIT_LAYERS = re.compile(r"(^|\.)single_blocks\.\d+\.linear2$")
 # A dense (LoHa/LoKr) delta becomes extra rank when this few singular vectors reproduce it this well.
 DENSE_MAX_RANK = 128
 DENSE_REL_TOL = 1e-3
@@ -104,6 +108,9 @@ class SVDQuantW4A4(QuantFormat):
             if not isinstance(act_unsigned, bool):
                 raise QuantizedLayerError(layer, "comfy_quant.act_unsigned",
                                           "true or false (or a list of them, with in_splits)", repr(act_unsigned))
+        elif INPUT_SPLIT_LAYERS.search(layer):
+            raise QuantizedLayerError(layer, "comfy_quant.act_unsigned", "a list of true/false with in_splits (its "
+                                      "input joins a signed and a post-GELU part: no default is right)", "nothing")
         else:
             act_unsigned = bool(POST_GELU_LAYERS.search(layer))
             if act_unsigned:
