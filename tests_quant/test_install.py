@@ -1,7 +1,9 @@
 """``python -m comfy.quant install-comfyui``: install / check / uninstall against a fake ComfyUI tree.
 
 The fake tree gets its own small patch (the shipped comfyui.patch is for real ComfyUI), passed as ``patch``.
-Every test runs twice: the tree as a git repository, and as a plain folder.
+The ``env`` tests run twice: the tree as a git repository, and as a plain folder. Then: the 3-way merge
+where upstream moved the context (and its refusals), ComfyUI's updater's ``git stash``, and the table of
+what the installer adds to a ComfyUI tree, held to a budget. Real upstream trees: ``test_install_upstream.py``.
 """
 from __future__ import annotations
 
@@ -355,3 +357,220 @@ def test_cli_install_then_uninstall_one_line_each(env):
         r = _cli(root, *args, "--patch", str(patch))
         assert (r.returncode, r.stdout, r.stderr) == (0, f"{root}: {expect}\n", ""), r.stderr
     assert tree_hashes(root) == before
+
+
+# --- recognising the tree; 3-way merge where only context moved ---------------------------------------
+
+def git_patch(tmp: Path, before: dict, after: dict) -> str:
+    """``git diff`` from ``before`` to ``after``, with the ``index`` lines naming the pre-image blobs."""
+    scratch = tmp / "patch-scratch"
+    for name, text in before.items():
+        (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+        (scratch / name).write_text(text)
+    _git(scratch, "init", "-q")
+    _git(scratch, "add", "-A")
+    _git(scratch, "commit", "-q", "-m", "before")
+    for name, text in after.items():
+        (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+        (scratch / name).write_text(text)
+    _git(scratch, "add", "-A")
+    return subprocess.run(["git", "diff", "--cached", "--no-color"], cwd=scratch, capture_output=True, text=True,
+                          check=True).stdout
+
+
+# upstream moved on: a line inside the ops.py hunk's context changed (plain apply fails, 3-way merges) ...
+MOVED = {**ORIGINAL, "comfy/ops.py": ORIGINAL["comfy/ops.py"].replace("        pass\n\n\n", "        pass\n\n# v2\n")}
+# ... or the very line the patch changes did (a conflict)
+CONFLICT = {**ORIGINAL, "comfy/ops.py": ORIGINAL["comfy/ops.py"].replace("    return disable_weight_init\n",
+                                                                         "    return disable_weight_init  # v2\n")}
+
+
+def moved_tree(tmp_path, upstream_next: dict, in_git: bool):
+    """A fake tree at ORIGINAL (in git: committed), moved on to ``upstream_next`` (in git: the next commit)."""
+    root = tmp_path / "ComfyUI"
+    for name, text in ORIGINAL.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    if in_git:
+        _git(root, "init", "-q")
+        _git(root, "add", "-A")
+        _git(root, "commit", "-q", "-m", "upstream")
+    for name, text in upstream_next.items():
+        (root / name).write_text(text)
+    if in_git and upstream_next:
+        _git(root, "commit", "-q", "-am", "upstream v2")
+    patch = tmp_path / "fake.patch"
+    patch.write_text(git_patch(tmp_path, ORIGINAL, PATCHED))
+    return root, patch
+
+
+def test_patch_files_and_made_for(tmp_path):
+    root, patch = moved_tree(tmp_path, {}, in_git=False)
+    files = inst.patch_files(patch.read_bytes())
+    assert set(files) == {"nodes.py", "comfy/ops.py", "comfy/quant_hook.py"} and files["comfy/quant_hook.py"] is None
+    assert inst.made_for(root, patch.read_bytes())
+    (root / "nodes.py").write_text(ORIGINAL["nodes.py"] + "# edited\n")
+    assert not inst.made_for(root, patch.read_bytes())
+    assert inst.describe_tree(root) == "ComfyUI of unknown version"
+    for version, expect in [("0.29.0", "ComfyUI 0.29.0 (4f874c5)"), ("0.30.0", "ComfyUI 0.30.0 (6db4fa2f)"),
+                            ("0.31.1", "ComfyUI 0.31.1 (not a tested version)")]:
+        (root / "comfyui_version.py").write_text(f'# generated\n__version__ = "{version}"\n')
+        assert inst.describe_tree(root) == expect
+
+
+def test_three_way_merge_where_only_context_moved(tmp_path):
+    root, patch = moved_tree(tmp_path, MOVED, in_git=True)
+    source = inst.PACKAGE_DIR
+    before = tree_hashes(root)
+    assert not subprocess.run(["git", "apply", "--check", str(patch)], cwd=root, capture_output=True).returncode == 0
+    out = install(root, patch, source)
+    assert out.changed and out.action.startswith("installed (patch merged 3-way into ComfyUI of unknown version")
+    expected = {**PATCHED, "comfy/ops.py": PATCHED["comfy/ops.py"].replace("        pass\n\n\n", "        pass\n\n# v2\n")}
+    assert read_tree(root) == expected
+    assert check(root, patch, source).state is State.CURRENT
+    assert subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode == 0  # index untouched
+    assert "applied_by: 3-way merge" in (root / "comfy" / "quant" / MARKER).read_text()
+    assert install(root, patch, source).action == "already installed"
+    uninstall(root, patch, source)  # reverses the merged diff kept in the package
+    assert tree_hashes(root) == before
+
+
+@pytest.mark.parametrize("case", ["conflict-in-git", "moved-plain-folder"])
+def test_no_merge_refuses_in_one_line_and_changes_nothing(tmp_path, case):
+    root, patch = moved_tree(tmp_path, CONFLICT if case == "conflict-in-git" else MOVED, in_git=case.endswith("git"))
+    before = tree_hashes(root)
+    with pytest.raises(InstallError) as e:
+        install(root, patch, inst.PACKAGE_DIR)
+    msg = str(e.value)
+    assert msg.startswith(f"{root}: patch does not apply to ComfyUI of unknown version (") and "\n" not in msg
+    assert msg.endswith(f"; supported: {inst.SUPPORTED}")
+    assert ("3-way merge conflicts in comfy/ops.py" if case == "conflict-in-git" else "not a git checkout") in msg
+    assert check(root, patch, inst.PACKAGE_DIR).state is State.PATCH_DOES_NOT_APPLY
+    assert tree_hashes(root) == before
+
+
+def test_failed_merge_write_rolls_back_byte_identical(tmp_path, monkeypatch):
+    """A 3-way install that fails while writing the merged files puts every file back."""
+    root, patch = moved_tree(tmp_path, MOVED, in_git=True)
+    before = tree_hashes(root)
+    real = Path.write_bytes
+
+    def flaky(self, data):
+        if self.name == "quant_hook.py":  # after ops.py / nodes.py were written
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", flaky)
+    with pytest.raises(InstallError, match="rolled back"):
+        install(root, patch, inst.PACKAGE_DIR)
+    assert tree_hashes(root) == before and not (root / "comfy" / "quant").exists()
+
+
+def worktree(hashes: dict) -> dict:
+    return {k: v for k, v in hashes.items() if not k.startswith(".git/")}
+
+
+@pytest.mark.parametrize("new_file", ["untracked", "added"])
+def test_stash_of_the_patch_is_reported_and_reinstalled(tmp_path, new_file):
+    """As ComfyUI's updater does: ``git stash`` (tracked files) as ``comfyui``; --check exits 4 in one line.
+    The file the patch creates stays behind when untracked: install takes it as made, uninstall removes it."""
+    root, patch = moved_tree(tmp_path, {}, in_git=True)
+    before = tree_hashes(root)
+    install(root, patch, inst.PACKAGE_DIR)
+    if new_file == "added":
+        _git(root, "add", "comfy/quant_hook.py")
+    subprocess.run(["git", "-c", "user.name=comfyui", "-c", "user.email=comfy@ui", "stash", "-q"], cwd=root, check=True,
+                   env={**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)})
+    assert read_tree(root) == (ORIGINAL if new_file == "added" else {**ORIGINAL, "comfy/quant_hook.py": "HOOKED = True\n"})
+    r = _cli(root, "--check", "--patch", str(patch))
+    assert r.returncode == 4 and r.stdout == (
+        f"{root}: the int4 patch is not applied (the package is there): ComfyUI's updater stashed it (git stash "
+        f"list); run `python -m comfy.quant install-comfyui {root}` to put it back\n"), r.stdout + r.stderr
+    assert install(root, patch, inst.PACKAGE_DIR).action == "installed (patch applied, package files updated)"
+    assert read_tree(root) == PATCHED and check(root, patch, inst.PACKAGE_DIR).state is State.CURRENT
+    uninstall(root, patch, inst.PACKAGE_DIR)
+    assert worktree(tree_hashes(root)) == worktree(before)  # the stash is still in .git
+
+
+# --- what the installer adds to a ComfyUI tree -------------------------------------------------------
+
+BUDGET_UPSTREAM_CODE = (200, 50)   # lines added, removed in upstream's own files (its tests-unit/ aside)
+BUDGET_PACKAGE_LINES = 6000        # lines of the files copied to comfy/quant
+
+
+def footprint(patch: bytes, source: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
+    """([(upstream file, lines added, lines removed)] from the patch, [(comfy/quant file, lines)] copied)."""
+    changed, current = {}, None
+    for line in patch.decode().splitlines():
+        if line.startswith("diff --git "):
+            current = line.split(" b/", 1)[1]
+            changed[current] = [0, 0]
+        elif line.startswith(("+++", "---")) or current is None:
+            continue
+        elif line.startswith(("+", "-")):
+            changed[current][line[0] == "-"] += 1
+    files = inst._expected_files(source, patch)
+    return ([(name, a, r) for name, (a, r) in changed.items()],
+            [(f"comfy/quant/{rel}", data.count(b"\n")) for rel, data in sorted(files.items())])
+
+
+def format_footprint(upstream, package) -> str:
+    code = [row for row in upstream if not row[0].startswith("tests-unit/")]
+    lines = ["| upstream file (patched) | + | - |", "|---|---:|---:|"]
+    lines += [f"| {name} | {a} | {r} |" for name, a, r in upstream]
+    lines.append(f"| **upstream code, {len(code)} files** | **{sum(a for _, a, _ in code)}** | "
+                 f"**{sum(r for _, _, r in code)}** |")
+    lines += ["", "| file added | lines |", "|---|---:|"]
+    lines += [f"| {name} | {n} |" for name, n in package]
+    lines.append(f"| **comfy/quant/, {len(package)} files (+ the INSTALLED_FROM marker)** | "
+                 f"**{sum(n for _, n in package)}** |")
+    return "\n".join(lines)
+
+
+def test_what_the_installer_adds_stays_within_budget(capsys):
+    """The lines the shipped patch adds to / removes from upstream's files and the files it copies, per file,
+    printed (shown without -s) and held to a budget: the core change stays small."""
+    patch = inst.DEFAULT_PATCH.read_bytes()
+    upstream, package = footprint(patch, inst.PACKAGE_DIR)
+    with capsys.disabled():
+        print(f"\nWhat install-comfyui adds to ComfyUI ({inst.DEFAULT_PATCH.name}):\n"
+              + format_footprint(upstream, package))
+    assert {name for name, _, _ in upstream} == set(inst.patch_files(patch))
+    assert all(name.startswith(("comfy/", "tests-unit/")) for name, _, _ in upstream)
+    code = [row for row in upstream if not row[0].startswith("tests-unit/")]
+    added, removed = sum(a for _, a, _ in code), sum(r for _, _, r in code)
+    assert 0 < added <= BUDGET_UPSTREAM_CODE[0] and removed <= BUDGET_UPSTREAM_CODE[1], (added, removed)
+    assert sum(n for _, n in package) <= BUDGET_PACKAGE_LINES
+    assert not [name for name, _ in package if "quant_tools" in name or name.endswith((".pyc", "cli.py"))]
+
+
+def test_footprint_counts_a_known_patch(env):
+    root, patch, source = env
+    upstream, package = footprint(patch.read_bytes(), source)
+    # ORIGINAL -> PATCHED: nodes.py one line changed, ops.py one added, quant_hook.py one new line
+    assert sorted(upstream) == [("comfy/ops.py", 1, 0), ("comfy/quant_hook.py", 1, 0), ("nodes.py", 1, 1)]
+    assert dict(package)["comfy/quant/formats/base.py"] == 1
+    assert dict(package)["comfy/quant/upstream/comfyui.patch"] == patch.read_bytes().count(b"\n")
+
+
+def test_stash_then_upstream_moved_merges_and_uninstall_removes_the_created_file(tmp_path):
+    """The updater's case on a newer upstream: the patch stashed, the file it created left behind (untracked),
+    the context moved: install merges 3-way and keeps the created file's part, so uninstall removes it."""
+    root, patch = moved_tree(tmp_path, {}, in_git=True)
+    install(root, patch, inst.PACKAGE_DIR)
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(root.parent)}
+    subprocess.run(["git", "-c", "user.name=comfyui", "-c", "user.email=comfy@ui", "stash", "-q"], cwd=root,
+                   check=True, env=env)
+    (root / "comfy" / "ops.py").write_text(MOVED["comfy/ops.py"])
+    _git(root, "commit", "-q", "-am", "upstream v2")
+    before = worktree(tree_hashes(root))
+    assert check(root, patch, inst.PACKAGE_DIR).state is State.PATCH_NOT_APPLIED
+    out = install(root, patch, inst.PACKAGE_DIR)
+    assert out.action.startswith("installed (patch merged 3-way")
+    assert (root / "comfy" / "ops.py").read_text() == MOVED["comfy/ops.py"].replace(
+        "    return disable_weight_init\n", "    import comfy.quant\n    return disable_weight_init\n")
+    assert check(root, patch, inst.PACKAGE_DIR).state is State.CURRENT
+    uninstall(root, patch, inst.PACKAGE_DIR)
+    after = worktree(tree_hashes(root))
+    assert "comfy/quant_hook.py" not in after
+    assert after == {k: v for k, v in before.items() if k != "comfy/quant_hook.py" and not k.startswith("comfy/quant/")}

@@ -2,13 +2,20 @@
 
 "Installed" means two things, done all-or-nothing:
 
-* the package directory (``comfy/quant/`` here, without ``__pycache__``/``*.pyc``) is copied to
+* the run-time package directory (``comfy/quant/`` here, without ``__pycache__``/``*.pyc``) is copied to
   ``PATH/comfy/quant/``, with a marker file ``INSTALLED_FROM`` that says it is ours;
-* the core patch (``comfy/quant_tools/upstream/comfyui.patch``, a ``git diff`` against upstream ComfyUI) is
-  applied to the files of PATH with ``git apply`` (work tree only, never the index; no fuzz).
+* the core patch (``comfy/quant_tools/upstream/comfyui*.patch``, ``git diff``s against upstream ComfyUI) is
+  applied to the files of PATH: with ``git apply`` (work tree only, never the index; no fuzz) where it
+  applies, else, in a git checkout that holds the blobs the patch was made from (its ``index`` lines name
+  them), by ``git apply -3`` in a scratch repository: a 3-way merge, refused on any conflict.
 
-The copied package carries, at ``upstream/comfyui.patch``, the very patch that was applied, so a later
-``uninstall`` reverses exactly that patch, even from a different checkout of this project.
+The copied package carries, at ``upstream/comfyui.patch``, the patch as applied to this tree (after a
+merge, the diff the merge made), so a later ``uninstall`` reverses exactly that, even from a different
+checkout of this project. Every failure puts the touched files back byte for byte.
+
+ComfyUI's updater (``.ci/update_windows/update.py``) runs ``git stash`` (tracked files only) before it
+pulls: the patch goes into the stash and the package (untracked) stays. ``check`` reports that state as
+``PATCH_NOT_APPLIED``; ``install`` puts the patch back, merging it into the new version where it must.
 
 Library functions log and return a :class:`Status` / :class:`Outcome`, or raise :class:`InstallError`
 (whose message starts with the path it is about); ``python -m comfy.quant install-comfyui`` prints.
@@ -19,6 +26,7 @@ import enum
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -28,11 +36,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "quant"  # the run-time package that is installed
-DEFAULT_PATCH = Path(__file__).resolve().parent / "upstream" / "comfyui.patch"
+PATCH_DIR = Path(__file__).resolve().parent / "upstream"
+DEFAULT_PATCH = PATCH_DIR / "comfyui.patch"
 PATCH_IN_PACKAGE = "upstream/comfyui.patch"  # relative to the package, as a posix path
 MARKER = "INSTALLED_FROM"
 MARKER_SIGNATURE = "# comfy.quant installed by `python -m comfy.quant install-comfyui`"
-UPSTREAM_COMMIT = "4f874c5"
+# The upstream trees the patch is tested on: (commit, comfyui_version.py's __version__, date).
+KNOWN_TREES = (("4f874c5", "0.29.0", "2026-07-29"), ("6db4fa2f", "0.30.0", "2026-08-07"))
+SUPPORTED = "ComfyUI {1} ({0}, {2}) to {4} ({3}, {5})".format(*KNOWN_TREES[0], *KNOWN_TREES[-1])
 
 
 class InstallError(ValueError):
@@ -47,10 +58,16 @@ class State(enum.Enum):
     NOT_INSTALLED = "not installed"
     CURRENT = "installed and current"
     PACKAGE_OUTDATED = "installed but package outdated"
-    PATCH_NOT_APPLIED = "package present but patch not applied"
+    PATCH_NOT_APPLIED = "the int4 patch is not applied (the package is there)"
     PATCH_OUTDATED = "installed with an older patch"
     PATCH_DOES_NOT_APPLY = "patch does not apply"
     FOREIGN = "comfy/quant exists and is not ours"
+
+
+# ``install-comfyui --check`` exit status per state: 0 current, 1 install would do it, 4 ComfyUI's updater (or
+# a revert) took the patch out, 5 the patch does not apply to this ComfyUI.
+CHECK_EXIT = {State.CURRENT: 0, State.NOT_INSTALLED: 1, State.PACKAGE_OUTDATED: 1, State.PATCH_OUTDATED: 1,
+              State.FOREIGN: 1, State.PATCH_NOT_APPLIED: 4, State.PATCH_DOES_NOT_APPLY: 5}
 
 
 @dataclass(frozen=True)
@@ -59,12 +76,16 @@ class Status:
     path: Path
     state: State
     detail: str = ""
-    patch_applied: bool = False    # the given patch reverse-applies cleanly
+    patch_applied: bool = False    # a patch of ours reverse-applies cleanly
     package: str = "absent"        # absent | current | outdated | foreign
 
     @property
     def current(self) -> bool:
         return self.state is State.CURRENT
+
+    @property
+    def exit_code(self) -> int:
+        return CHECK_EXIT[self.state]
 
     def line(self) -> str:
         return f"{self.path}: {self.state.value}" + (f": {self.detail}" if self.detail else "")
@@ -81,6 +102,16 @@ class Outcome:
         return f"{self.path}: {self.action}"
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How a patch goes into a tree: ``applied`` is what to keep for uninstall, ``merged`` the files a 3-way
+    merge made (None: ``git apply`` the patch itself)."""
+    source: bytes
+    applied: bytes
+    merged: dict | None = None
+    to_apply: bytes | None = None  # what ``git apply`` gets, where not ``applied`` (files already there left out)
+
+
 # --- git --------------------------------------------------------------------------------------------
 
 def _git_env(root: Path) -> dict:
@@ -90,22 +121,27 @@ def _git_env(root: Path) -> dict:
     paths against that outer repository and skip every file while exiting 0.
     """
     env = {k: v for k, v in os.environ.items()
-           if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_PREFIX")}
+           if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_PREFIX",
+                        "GIT_ALTERNATE_OBJECT_DIRECTORIES")}
     env["GIT_CEILING_DIRECTORIES"] = str(root.parent)
     env["LC_ALL"] = "C"  # stable error text to quote
     return env
 
 
+def _git(root: Path, *args: str, data: bytes | None = None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, input=data, capture_output=True, env=env or _git_env(root))
+
+
+def _first_error(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln.strip() for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+    first = next((ln for ln in lines if ln.startswith("error:")), lines[0] if lines else f"git exit {proc.returncode}")
+    return first.removeprefix("error:").strip()
+
+
 def _git_apply(root: Path, patch: bytes, *flags: str) -> tuple[bool, str]:
     """``git apply FLAGS -`` in root, patch on stdin. Returns (ok, first error line of stderr)."""
-    cmd = ["git", "apply", "--whitespace=nowarn", *flags, "-"]
-    proc = subprocess.run(cmd, cwd=root, input=patch, capture_output=True, env=_git_env(root))
-    stderr = proc.stderr.decode("utf-8", "replace")
-    if proc.returncode == 0:
-        return True, ""
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    first = next((ln for ln in lines if ln.startswith("error:")), lines[0] if lines else f"git apply exit {proc.returncode}")
-    return False, first.removeprefix("error:").strip()
+    proc = _git(root, "apply", "--whitespace=nowarn", *flags, "-", data=patch)
+    return (True, "") if proc.returncode == 0 else (False, _first_error(proc))
 
 
 def _source_commit(source: Path) -> str:
@@ -114,6 +150,92 @@ def _source_commit(source: Path) -> str:
     except OSError:
         return "unknown"
     return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "unknown"
+
+
+def _objects_dir(root: Path) -> Path | None:
+    """The object store of the git checkout whose top is ``root`` (None: root is no checkout's top)."""
+    proc = _git(root, "rev-parse", "--show-toplevel", "--git-path", "objects")
+    lines = proc.stdout.decode().splitlines()
+    if proc.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root.resolve():
+        return None
+    return (root / lines[1]).resolve()
+
+
+def _stashed_by_updater(root: Path, patch: bytes) -> bool:
+    """Whether the checkout's latest stash was made by ComfyUI's updater (pygit2, as ``comfyui``) and holds
+    changes to files the patch changes."""
+    author = _git(root, "log", "-1", "--format=%an", "refs/stash").stdout.decode().strip()
+    names = _git(root, "diff", "--name-only", "refs/stash^1", "refs/stash").stdout.decode().split()
+    return author == "comfyui" and bool(set(names) & set(patch_files(patch)))
+
+
+def _blocked_update(root: Path, patch: bytes) -> list[str]:
+    """Patched files that the checkout's upstream branch (as last fetched) changes too: ``git pull`` (as
+    ComfyUI-Manager runs it) refuses to overwrite those while the patch is in."""
+    proc = _git(root, "diff", "--name-only", "HEAD...@{upstream}")
+    if proc.returncode != 0:
+        return []
+    return sorted(set(proc.stdout.decode().split()) & set(patch_files(patch)))
+
+
+# --- patches and trees ------------------------------------------------------------------------------
+
+def shipped_patches() -> list[Path]:
+    """``comfyui.patch`` (for every supported tree), then any per-tree ``comfyui-<commit>.patch``."""
+    return sorted(PATCH_DIR.glob("comfyui*.patch"), key=lambda p: (p.name != DEFAULT_PATCH.name, p.name))
+
+
+def _sections(patch: bytes) -> list[tuple[str, bytes]]:
+    """(path, that file's part of the patch), in order."""
+    parts = re.split(rb"(?m)^(?=diff --git )", patch)
+    return [(part.split(b"\n", 1)[0].decode("utf-8", "replace").split(" b/", 1)[-1], part)
+            for part in parts if part.startswith(b"diff --git ")]
+
+
+def patch_files(patch: bytes) -> dict[str, str | None]:
+    """path -> the pre-image blob id the patch's ``index`` line names (None for a new file or no index line)."""
+    files = {}
+    for rel, part in _sections(patch):
+        m = re.search(rb"(?m)^index ([0-9a-f]+)\.\.", part)
+        files[rel] = m.group(1).decode() if m and m.group(1).strip(b"0") else None
+    return files
+
+
+def _created_already(root: Path, patch: bytes) -> list[str]:
+    """Files the patch creates that are there already, byte for byte as it makes them: ``git stash`` (as
+    ComfyUI's updater runs it) keeps untracked files, so it leaves them behind."""
+    there = []
+    for rel, part in _sections(patch):
+        m = re.search(rb"(?m)^index 0+\.\.([0-9a-f]+)", part)
+        if m and (root / rel).is_file() and _blob_id((root / rel).read_bytes()).startswith(m.group(1).decode()):
+            there.append(rel)
+    return there
+
+
+def _blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def made_for(root: Path, patch: bytes) -> bool:
+    """Whether every file the patch changes is, byte for byte, the one it was made from."""
+    for rel, pre in patch_files(patch).items():
+        p = root / rel
+        if (pre is None) != (not p.is_file()) or (pre and not _blob_id(p.read_bytes()).startswith(pre)):
+            return False
+    return True
+
+
+def describe_tree(root: Path) -> str:
+    """``ComfyUI 0.30.0 (6db4fa2f)``, ``ComfyUI 0.31.0 (not a tested version)`` or ``ComfyUI of unknown version``."""
+    try:
+        text = (root / "comfyui_version.py").read_text("utf-8", "replace")
+    except OSError:
+        return "ComfyUI of unknown version"
+    m = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", text)
+    if not m:
+        return "ComfyUI of unknown version"
+    commit = next((c for c, v, _ in KNOWN_TREES if v == m.group(1)), None)
+    return f"ComfyUI {m.group(1)} ({commit or 'not a tested version'})"
 
 
 # --- package files ----------------------------------------------------------------------------------
@@ -129,10 +251,10 @@ def _package_files(root: Path) -> dict[str, bytes]:
     return files
 
 
-def _expected_files(source: Path, patch: bytes) -> dict[str, bytes]:
+def _expected_files(source: Path, applied: bytes) -> dict[str, bytes]:
     """What PATH/comfy/quant should hold (marker aside): the source package, carrying the applied patch."""
     files = _package_files(source)
-    files[PATCH_IN_PACKAGE] = patch
+    files[PATCH_IN_PACKAGE] = applied
     return files
 
 
@@ -144,6 +266,14 @@ def _is_ours(dest: Path) -> bool:
         return False
 
 
+def _marker_field(dest: Path, name: str) -> str | None:
+    try:
+        text = (dest / MARKER).read_text("utf-8", "replace")
+    except OSError:
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith(name + ":")), None)
+
+
 def _is_empty(dest: Path) -> bool:
     """A directory holding no files but caches (say, left behind by ``git clean`` of the .py files)."""
     return dest.is_dir() and not any(
@@ -151,15 +281,20 @@ def _is_empty(dest: Path) -> bool:
         for p in dest.rglob("*"))
 
 
-def _marker_text(source: Path, patch: bytes, files: dict[str, bytes]) -> str:
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _marker_text(root: Path, source: Path, plan: _Plan, files: dict[str, bytes]) -> str:
     digest = hashlib.sha256()
     for rel, data in sorted(files.items()):
         digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
     return (f"{MARKER_SIGNATURE}; `--uninstall` removes it.\n"
             f"source: {source}\n"
             f"source_commit: {_source_commit(source)}\n"
-            f"upstream_comfyui: {UPSTREAM_COMMIT}\n"
-            f"patch_sha256: {hashlib.sha256(patch).hexdigest()}\n"
+            f"upstream_comfyui: {describe_tree(root)}\n"
+            f"applied_by: {'3-way merge' if plan.merged is not None else 'git apply'}\n"
+            f"patch_sha256: {_sha(plan.source)}\n"
             f"package_sha256: {digest.hexdigest()}\n")
 
 
@@ -186,6 +321,16 @@ def _read_patch(path, patch) -> bytes:
     return data
 
 
+def _read_patches(path, patch) -> list[bytes]:
+    """The patch given, else every shipped one (the one made for this tree's exact files first)."""
+    paths = [patch] if patch is not None else shipped_patches()
+    if not paths:
+        raise InstallError(path, f"no comfyui*.patch in {PATCH_DIR}")
+    patches = [_read_patch(path, p) for p in paths]
+    root = Path(path)
+    return sorted(patches, key=lambda data: not made_for(root, data))
+
+
 def _patch_state(root: Path, patch: bytes, ours: bool) -> tuple[bool | None, str]:
     """(True: applied, False: applies cleanly, None: neither; why).
 
@@ -203,39 +348,129 @@ def _patch_state(root: Path, patch: bytes, ours: bool) -> tuple[bool | None, str
     return None, reverse_why if ours else forward_why
 
 
-def _status(root: Path, patch: bytes, source: Path) -> Status:
+def _scratch_env(scratch: Path, objects: Path) -> dict:
+    """git in a scratch repository that reads ``objects`` too, with no user or system configuration."""
+    return {**_git_env(scratch), "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects), "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull, "GIT_AUTHOR_NAME": "install", "GIT_AUTHOR_EMAIL": "install@localhost",
+            "GIT_COMMITTER_NAME": "install", "GIT_COMMITTER_EMAIL": "install@localhost"}
+
+
+def _merge_error(proc: subprocess.CompletedProcess) -> str:
+    stderr = proc.stderr.decode("utf-8", "replace")
+    conflicts = re.findall(r"Applied patch to '([^']+)' with conflicts", stderr)
+    if conflicts:
+        return f"3-way merge conflicts in {', '.join(conflicts)}"
+    if "lacks the necessary blob" in stderr:
+        return "no 3-way merge: the git history lacks the files the patch was made from"
+    return f"3-way merge failed: {_first_error(proc)}"
+
+
+def _merge(root: Path, patch: bytes, rest: bytes, created: bytes) -> tuple[_Plan | None, str]:
+    """A 3-way merge of ``rest`` (``patch`` less the files it creates that are there already, ``created``)
+    into root's files: ``git apply -3`` in a scratch repository that borrows root's git objects, so root's
+    index and history are never touched. (None, why) on any conflict."""
+    objects = _objects_dir(root)
+    if objects is None:
+        return None, "not a git checkout, so no 3-way merge"
+    rels = list(patch_files(rest))
+    with tempfile.TemporaryDirectory(prefix="quant-merge-") as tmp:
+        scratch = Path(tmp)
+        env = _scratch_env(scratch, objects)
+        for rel in rels:
+            if (root / rel).is_file():
+                (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(root / rel, scratch / rel)
+        for args in (("init", "-q"), ("add", "-A"), ("commit", "-q", "--allow-empty", "-m", "tree")):
+            if _git(scratch, *args, env=env).returncode != 0:
+                return None, f"git {args[0]} failed in a scratch repository"
+        proc = _git(scratch, "apply", "-3", "--whitespace=nowarn", "-", data=rest, env=env)
+        if proc.returncode != 0:
+            return None, _merge_error(proc)
+        diff = _git(scratch, "diff", "--no-color", "--no-ext-diff", "--no-renames", "--full-index", "HEAD", env=env)
+        merged = {rel: (scratch / rel).read_bytes() if (scratch / rel).is_file() else None for rel in rels}
+    return _Plan(patch, diff.stdout + created, merged), ""
+
+
+def _split_created(root: Path, patch: bytes) -> tuple[bytes, bytes]:
+    """(the patch less the files it creates that are there already, those files' sections)."""
+    there = _created_already(root, patch)
+    sections = _sections(patch)
+    return (b"".join(part for rel, part in sections if rel not in there),
+            b"".join(part for rel, part in sections if rel in there))
+
+
+def _plan(root: Path, patches: list[bytes]) -> tuple[_Plan | None, str]:
+    """The first patch that applies as it is, else the first that merges 3-way; else (None, why)."""
+    whys = []
+    for patch in patches:
+        rest, _ = _split_created(root, patch)
+        ok, why = _git_apply(root, rest, "--check") if rest else (True, "")
+        if ok:
+            return _Plan(patch, patch, to_apply=rest), ""
+        whys.append(why)
+    for patch in patches:
+        plan, why = _merge(root, patch, *_split_created(root, patch))
+        if plan is not None:
+            return plan, ""
+        whys.append(why)
+    return None, "; ".join(dict.fromkeys(whys))
+
+
+def _not_applicable(root: Path, why: str) -> str:
+    return f"{describe_tree(root)} ({why}); supported: {SUPPORTED}"
+
+
+def _applied_status(root, dest, ours, applied: bytes, patches, source) -> tuple[Status, _Plan]:
+    package = "absent"
+    if ours:
+        package = "current" if _package_files(dest) == _expected_files(source, applied) else "outdated"
+    origin = applied if applied in patches else next(
+        (p for p in patches if ours and _sha(p) == _marker_field(dest, "patch_sha256")), None)
+    plan = _Plan(origin or applied, applied)
+    if origin is None:
+        return Status(root, State.PATCH_OUTDATED, "uninstall first, then install", True, package), plan
+    if package == "current":
+        blocked = _blocked_update(root, applied)
+        detail = (f"`git pull` refuses the ComfyUI update while the patch is in ({', '.join(blocked)}); run "
+                  "install-comfyui --uninstall, update, then install-comfyui" if blocked else "")
+        return Status(root, State.CURRENT, detail, patch_applied=True, package=package), plan
+    return Status(root, State.PACKAGE_OUTDATED, "patch applied, package missing" if package == "absent"
+                  else "patch applied, package files differ", patch_applied=True, package=package), plan
+
+
+def _status(root: Path, patches: list[bytes], source: Path) -> tuple[Status, _Plan | None]:
+    """The state, and the patch as it is in the tree or as it would go in (None: it cannot go in)."""
     dest = root / "comfy" / "quant"
     present = dest.exists() and not _is_empty(dest)
     ours = present and dest.is_dir() and _is_ours(dest)
     if present and not ours:
         return Status(root, State.FOREIGN, f"{dest} has no {MARKER} marker; refusing to overwrite it",
-                      package="foreign")
-    applied, why = _patch_state(root, patch, ours)
-    package = "absent"
-    if ours:
-        package = "current" if _package_files(dest) == _expected_files(source, patch) else "outdated"
-    if applied is True:
-        if package == "current":
-            return Status(root, State.CURRENT, patch_applied=True, package=package)
-        return Status(root, State.PACKAGE_OUTDATED, "patch applied, package missing" if package == "absent"
-                      else "patch applied, package files differ", patch_applied=True, package=package)
-    if applied is False:
-        if ours:
-            return Status(root, State.PATCH_NOT_APPLIED, "the patched files are back to upstream", package=package)
-        return Status(root, State.NOT_INSTALLED)
-    if ours:  # the given patch neither applies nor is applied: maybe an older one of ours is
-        installed = dest / PATCH_IN_PACKAGE
-        if installed.is_file() and installed.read_bytes() != patch \
-                and _git_apply(root, installed.read_bytes(), "--check", "--reverse")[0]:
-            return Status(root, State.PATCH_OUTDATED, "uninstall first, then install", package=package)
-    return Status(root, State.PATCH_DOES_NOT_APPLY, why, package=package)
+                      package="foreign"), None
+    installed = dest / PATCH_IN_PACKAGE
+    candidates = ([installed.read_bytes()] if ours and installed.is_file() else []) + patches
+    edited = ""  # where ours is there: the file that stops its patch from reversing
+    for candidate in dict.fromkeys(candidates):
+        state, why = _patch_state(root, candidate, ours)
+        if state is True:
+            return _applied_status(root, dest, ours, candidate, patches, source)
+        edited = edited or (why if ours else "")
+    plan, why = _plan(root, patches)
+    package = "outdated" if ours else "absent"
+    if plan is None:
+        return Status(root, State.PATCH_DOES_NOT_APPLY, _not_applicable(root, edited or why), package=package), None
+    if not ours:
+        return Status(root, State.NOT_INSTALLED), plan
+    who = "ComfyUI's updater stashed it (git stash list)" if _stashed_by_updater(root, plan.source) else \
+        "ComfyUI's updater stashes local changes, or the patched files were reverted"
+    return Status(root, State.PATCH_NOT_APPLIED, f"{who}; run `python -m comfy.quant install-comfyui {root}` "
+                                                 "to put it back", package=package), plan
 
 
-def check(path, patch=DEFAULT_PATCH, source=PACKAGE_DIR) -> Status:
-    """The install state of ComfyUI at ``path``; changes nothing. Raises InstallError only if it cannot tell
-    (not a ComfyUI folder, no git, unreadable patch)."""
+def check(path, patch=None, source=PACKAGE_DIR) -> Status:
+    """The install state of ComfyUI at ``path``; changes nothing. ``patch``: one patch file (default: the
+    shipped ones). Raises InstallError only if it cannot tell (not a ComfyUI folder, no git, unreadable patch)."""
     root = _preflight(path)
-    status = _status(root, _read_patch(path, patch), Path(source))
+    status = _status(root, _read_patches(path, patch), Path(source))[0]
     log.info("%s", status.line())
     return status
 
@@ -257,44 +492,81 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
-def install(path, patch=DEFAULT_PATCH, source=PACKAGE_DIR) -> Outcome:
+def _snapshot(root: Path, patch: bytes) -> dict[str, bytes | None]:
+    """The bytes of every file the patch touches (None: absent), to put back on a failure."""
+    return {rel: (root / rel).read_bytes() if (root / rel).is_file() else None for rel in patch_files(patch)}
+
+
+def _restore(root: Path, files: dict[str, bytes | None]) -> None:
+    for rel, data in files.items():
+        p = root / rel
+        if data is None:
+            p.unlink(missing_ok=True)
+        elif not p.is_file() or p.read_bytes() != data:
+            p.write_bytes(data)
+
+
+def _apply(root: Path, path, plan: _Plan) -> None:
+    if plan.merged is None:
+        data = plan.applied if plan.to_apply is None else plan.to_apply
+        ok, why = _git_apply(root, data) if data else (True, "")
+        if not ok:
+            raise InstallError(path, f"git apply failed: {why}")
+        return
+    for rel, data in plan.merged.items():
+        if data is None:
+            (root / rel).unlink(missing_ok=True)
+        else:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+
+
+def install(path, patch=None, source=PACKAGE_DIR) -> Outcome:
     """Copy the package and apply the patch, both or neither. A no-op when already installed and current;
-    only the package files are replaced when just they are outdated."""
+    only the package files are replaced when just they are outdated. ``patch``: one patch file (default: the
+    shipped ones, the first that applies or merges)."""
     root = _preflight(path)
-    patch_bytes = _read_patch(path, patch)
     source = Path(source)
-    status = _status(root, patch_bytes, source)
+    patches = _read_patches(path, patch)
+    status, plan = _status(root, patches, source)
     if status.state is State.CURRENT:
         log.info("%s: already installed", root)
         return Outcome(root, "already installed", changed=False)
     if status.state is State.FOREIGN:
         raise InstallError(path, status.detail)
+    if status.state is State.PATCH_DOES_NOT_APPLY:
+        raise InstallError(path, f"patch does not apply to {status.detail}")
     if status.state is State.PATCH_OUTDATED:
         raise InstallError(path, "installed with an older patch; run --uninstall first, then install")
-    if status.state is State.PATCH_DOES_NOT_APPLY:
-        raise InstallError(path, f"patch does not apply (ComfyUI {UPSTREAM_COMMIT} expected, "
-                                 f"unedited): {status.detail}")
-
     dest = root / "comfy" / "quant"
     if dest.resolve() == source.resolve():
         raise InstallError(path, "the installer runs from this ComfyUI's own comfy/quant; "
                                  "run it from the project checkout")
-    files = _expected_files(source, patch_bytes)
-    apply_patch = not status.patch_applied
+    if status.patch_applied:  # the patch is in: keep the one applied
+        _swap_package(root, path, source, plan, None)
+        return Outcome(root, "patch already applied; package files updated", changed=True)
+    _swap_package(root, path, source, plan, _snapshot(root, plan.applied))
+    how = "patch merged 3-way into " + describe_tree(root) if plan.merged is not None else "patch applied"
+    if status.package == "absent":
+        return Outcome(root, f"installed ({how}, package copied)", changed=True)
+    return Outcome(root, f"installed ({how}, package files updated)", changed=True)
+
+
+def _swap_package(root: Path, path, source: Path, plan: _Plan, originals) -> None:
+    """Stage the package, apply the plan (unless ``originals`` is None), swap the package in; on any failure
+    put everything back."""
+    dest = root / "comfy" / "quant"
+    files = _expected_files(source, plan.applied)
     work = backup = None
-    patched = False
     try:
         # 1. Stage the whole package next to its place: nothing visible changes if this fails.
         work = Path(tempfile.mkdtemp(prefix=".quant-install-", dir=root / "comfy"))
         staging = work / "new"
-        _write_tree(staging, files, _marker_text(source, patch_bytes, files))
-        # 2. The patch (git apply is itself all-or-nothing).
-        if apply_patch:
-            ok, why = _git_apply(root, patch_bytes)
-            if not ok:
-                raise InstallError(path, f"git apply failed: {why}")
-            patched = True
-            log.info("%s: applied %s", root, patch)
+        _write_tree(staging, files, _marker_text(root, source, plan, files))
+        # 2. The patch.
+        if originals is not None:
+            _apply(root, path, plan)
+            log.info("%s: %s the patch", root, "applied" if plan.merged is None else "merged")
         # 3. Swap the staged package in.
         if dest.exists() or dest.is_symlink():
             backup = work / "old"
@@ -302,7 +574,7 @@ def install(path, patch=DEFAULT_PATCH, source=PACKAGE_DIR) -> Outcome:
         os.replace(staging, dest)
         log.info("%s: copied %d package files to %s", root, len(files), dest)
     except BaseException as e:
-        _rollback(root, patch_bytes, patched, work, backup, dest)
+        _rollback(root, originals, work, backup, dest)
         if isinstance(e, OSError):
             raise InstallError(path, f"install failed and was rolled back: {e}") from e
         raise
@@ -311,14 +583,8 @@ def install(path, patch=DEFAULT_PATCH, source=PACKAGE_DIR) -> Outcome:
     except OSError as e:
         log.warning("%s: installed, but could not remove the scratch folder %s: %s", root, work, e)
 
-    if not apply_patch:
-        return Outcome(root, "patch already applied; package files updated", changed=True)
-    if status.package == "absent":
-        return Outcome(root, "installed (patch applied, package copied)", changed=True)
-    return Outcome(root, "installed (patch applied, package files updated)", changed=True)
 
-
-def _rollback(root: Path, patch: bytes, patched: bool, work, backup, dest: Path) -> None:
+def _rollback(root: Path, originals, work, backup, dest: Path) -> None:
     """Undo a half-done install; log, never raise, so the original error is what the user sees."""
     try:
         if backup is not None and backup.exists():
@@ -327,18 +593,16 @@ def _rollback(root: Path, patch: bytes, patched: bool, work, backup, dest: Path)
             os.replace(backup, dest)
         if work is not None and work.exists():
             shutil.rmtree(work)
-        if patched:
-            ok, why = _git_apply(root, patch, "--reverse")
-            if not ok:
-                log.error("%s: rollback could not reverse the patch: %s", root, why)
+        if originals is not None:
+            _restore(root, originals)
         log.info("%s: rolled back", root)
     except OSError as e:
         log.error("%s: rollback incomplete: %s", root, e)
 
 
-def uninstall(path, patch=DEFAULT_PATCH, source=PACKAGE_DIR) -> Outcome:
+def uninstall(path, patch=None, source=PACKAGE_DIR) -> Outcome:
     """Reverse the patch and remove PATH/comfy/quant. The patch reversed is the copy inside the installed
-    package (the one applied), else ``patch``. A no-op when nothing is installed."""
+    package (the one applied), else ``patch`` (default: the shipped ones). A no-op when nothing is installed."""
     root = _preflight(path)
     dest = root / "comfy" / "quant"
     present = dest.exists() and not _is_empty(dest)
@@ -349,8 +613,7 @@ def uninstall(path, patch=DEFAULT_PATCH, source=PACKAGE_DIR) -> Outcome:
     candidates = []
     if ours and (dest / PATCH_IN_PACKAGE).is_file():
         candidates.append(dest / PATCH_IN_PACKAGE)
-    if Path(patch).is_file():
-        candidates.append(Path(patch))
+    candidates += [p for p in ([Path(patch)] if patch is not None else shipped_patches()) if p.is_file()]
     if not candidates:
         if not present:
             return Outcome(root, "nothing installed", changed=False)
