@@ -37,7 +37,6 @@ def lora_prefix_variants(path: str) -> list:
         "diffusion_model.{}".format(path),  # ComfyUI / musubi (generic upstream format)
         "lora_unet_{}".format(flat),  # kohya
         "lycoris_{}".format(flat),  # LyCORIS (SimpleTuner)
-        "base_model.model.{}".format(path),  # PEFT
     ]
 
 
@@ -123,7 +122,7 @@ def model_lora_keys_unet(model, key_map=None):
 
     ``model`` is the wrapper whose ``.diffusion_model`` is the transformer. Every module path X
     owning a ``weight`` is reachable as ``X``, ``transformer.X``, ``diffusion_model.X``,
-    ``lora_unet_<X_>``, ``lycoris_<X_>`` and ``base_model.model.X``; other float state-dict keys
+    ``lora_unet_<X_>`` and ``lycoris_<X_>``; other float state-dict keys
     (biases, ...) map ``diffusion_model.<key>`` to themselves (upstream's generic format).
     When the transformer has ``lora_fused_targets`` (``{fused module path: [(part name, dim,
     start, length), ...]}``) the parts' prefixes map onto slices of the fused weight.

@@ -68,13 +68,9 @@ class ModelPatcher:
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
         """Queue patches ``{target: adapter}``; returns the targets accepted. Nothing is applied yet.
 
-        Every patch is checked now (``comfy.quant.host.patch_problem``, float and int4 targets alike):
-        one that cannot apply is logged with its reason and left out, the rest are queued."""
-        problem = int4.strength_problem(strength_patch, "strength") or \
-            int4.strength_problem(strength_model, "strength_model")
-        if problem:
-            logger.error("LoRA patches not applied (%d targets): %s", len(patches), problem)
-            return []
+        A patch on an int4 weight is checked now (``comfy.quant.host.patch_problem``, strengths
+        included): one that cannot apply is logged with its reason and left out, the rest are queued.
+        Patches on float weights are queued unchecked, as upstream queues them."""
         accepted = []
         for target, adapter in patches.items():
             key, offset, function = (target, None, None) if isinstance(target, str) else (
@@ -82,8 +78,9 @@ class ModelPatcher:
             module, param = self._target(key)
             if module is None:
                 continue
-            problem = int4.patch_problem(getattr(module, param), adapter, offset, function, strength_model,
-                                         strength_patch)
+            weight = getattr(module, param)
+            problem = int4.is_int4(weight) and int4.patch_problem(weight, adapter, offset, function, strength_model,
+                                                                  strength_patch)
             if problem:
                 logger.error("LoRA patch for %s not applied: %s", key, problem)
                 continue

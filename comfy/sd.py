@@ -53,11 +53,9 @@ def load_diffusion_model(unet_path, model_options={}):
 def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
     """Apply a LoRA state dict to a model (text encoder not carried here) → ``(model, clip)``.
 
-    A strength that is not a finite number within ±100 raises ``LoraError`` before anything is
-    patched. Patches that cannot apply are refused one by one (logged, and ``NOT LOADED``) and the
-    rest applies; a LoRA of which nothing applies is a warning, not an error."""
-    if model is not None:
-        int4.check_strength(strength_model, "strength_model")
+    Patches an int4 weight cannot take (a strength that is not a finite number within ±100
+    included) are refused one by one (logged, and ``NOT LOADED``) and the rest applies; a LoRA of
+    which nothing applies is a warning, not an error."""
     key_map = {}
     if model is not None:
         key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)

@@ -81,7 +81,6 @@ def lora_keys(style, path):
     flat = path.replace(".", "_")
     return {
         "diffusers": ("transformer." + path, "lora_B.weight", "lora_A.weight"),
-        "peft": ("base_model.model." + path, "lora_B.default.weight", "lora_A.default.weight"),
         "kohya": ("lora_unet_" + flat, "lora_up.weight", "lora_down.weight"),
         "comfy": ("diffusion_model." + path, "lora_up.weight", "lora_down.weight"),
         "lycoris": ("lycoris_" + flat, "lora_up.weight", "lora_down.weight"),  # LyCORIS LoCon (SimpleTuner)

@@ -132,7 +132,7 @@ def test_key_map_variants(key_map, path):
     target = "diffusion_model.{}.weight".format(path)
     flat = path.replace(".", "_")
     for prefix in (path, "transformer." + path, "diffusion_model." + path, "lora_unet_" + flat,
-                   "lycoris_" + flat, "base_model.model." + path):
+                   "lycoris_" + flat):
         assert key_map[prefix] == target, prefix
 
 
@@ -148,8 +148,6 @@ def _lora_sd(style, path, up, down, alpha=None):
     flat = path.replace(".", "_")
     if style == "diffusers":
         p, u, d = "transformer." + path, "lora_B.weight", "lora_A.weight"
-    elif style == "peft":
-        p, u, d = "base_model.model." + path, "lora_B.default.weight", "lora_A.default.weight"
     elif style == "kohya":
         p, u, d = "lora_unet_" + flat, "lora_up.weight", "lora_down.weight"
     elif style == "comfy":
@@ -164,7 +162,7 @@ def _lora_sd(style, path, up, down, alpha=None):
     return sd
 
 
-@pytest.mark.parametrize("style,alpha", [("diffusers", None), ("diffusers", 1.0), ("peft", None),
+@pytest.mark.parametrize("style,alpha", [("diffusers", None), ("diffusers", 1.0),
                                          ("kohya", 1.0), ("kohya", 8.0), ("comfy", None),
                                          ("comfy", 4.0), ("diffusers_dot", None)])
 @pytest.mark.parametrize("path", ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.img_mod.1",

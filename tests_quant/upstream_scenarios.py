@@ -526,9 +526,17 @@ def scenario_lora_layers(rec, params):
 def scenario_lora_check(rec, params):
     """``comfy.quant_tools.lora_check.lora_check`` (what ``python -m comfy.quant lora-check`` prints) on the model
     ``UNETLoader`` gives for ``params["model"]`` and the LoRA file ``params["lora"]``."""
+    import importlib.util
+
     import comfy.utils
     import folder_paths
-    from comfy.quant_tools.lora_check import has_problems, lora_check
+    # the tools are never installed into ComfyUI: load this checkout's lora_check.py (it needs only comfy.quant)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "comfy", "quant_tools",
+                        "lora_check.py")
+    spec = importlib.util.spec_from_file_location("int4_lora_check", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    has_problems, lora_check = tool.has_problems, tool.lora_check
     _setup_folders(params)
     with rec.step("check"):
         patcher = _load_unet(params["model"])

@@ -2,8 +2,14 @@
 
 Upstream ComfyUI (through the shipped patch, ``comfy/quant_tools/upstream/comfyui.patch``) and this
 repository's embedded host call these functions the same way and rely on nothing else of this
-package. A host's linear module needs ``weight``, ``bias``, ``in_features``, ``out_features`` and
-``factory_kwargs = {"device": ..., "dtype": compute dtype}``.
+package. Every one of them leaves a host's non-int4 behaviour alone: it acts only on an int4 weight,
+an int4 ``comfy_quant`` entry or a file that names or holds int4 layers, and otherwise returns what the
+host would have used (False, None, its own input). The upstream patch calls ``load_linear``,
+``save_linear``, ``is_int4``, ``linear_forward``, ``move_weight``, ``run_linear_group``,
+``tie_shared_quant``, ``prepare_state_dict``, ``load_state_dict``, ``saveable``, ``QuantFileError``,
+``patch_problem`` (on int4 weights only), ``patch_weight`` and ``group_is_patched``; the rest serve the
+embedded host and the tools. A host's linear module needs ``weight``, ``bias``, ``in_features``,
+``out_features`` and ``factory_kwargs = {"device": ..., "dtype": compute dtype}``.
 
 Mixed-precision ``Linear``
     ``load_linear(module, state_dict, prefix, missing_keys) -> bool``   in ``_load_from_state_dict``
@@ -40,8 +46,8 @@ from comfy.quant import formats, kitchen, nunchaku
 from comfy.quant.deltas import as_parameter, output_terms
 from comfy.quant.errors import QuantFileError
 from comfy.quant.layer import (checked_bias, is_int4, linear_forward, load_linear, move_weight, run_linear_group,
-                               save_linear, tie_shared_quant)
-from comfy.quant.loading import check_state_dict, load_state_dict
+                               save_linear, tie_shared_quant, warn_unsaved_terms)
+from comfy.quant.loading import check_state_dict, involves_int4, load_state_dict, names_int4
 from comfy.quant.patching import (Backup, adapter_problem, check_strength, group_is_patched, lora_alpha,
                                   patch_problem, patch_weight, strength_problem)
 from comfy.quant.files import raise_if_unreadable
@@ -62,17 +68,22 @@ def layout_class(name: str):
 def prepare_state_dict(sd: dict, metadata: dict | None):
     """``(sd, metadata)`` ready for a ComfyUI loader: a Nunchaku checkpoint is converted in memory, and
     the quantization metadata is checked (``comfy.quant.loading.check_state_dict``)."""
-    metadata = dict(metadata or {})
-    if nunchaku.is_nunchaku_checkpoint(sd.keys(), metadata):
+    if nunchaku.is_nunchaku_checkpoint(sd.keys(), metadata or {}):
         logger.info("Nunchaku checkpoint: converting to ComfyUI-native int4 while loading")
-        sd, metadata = nunchaku.convert_nunchaku_state_dict(sd, metadata)
-    check_state_dict(sd, metadata)
+        sd, metadata = nunchaku.convert_nunchaku_state_dict(sd, dict(metadata or {}))
+    if involves_int4(sd, metadata):  # any other file goes to the host exactly as it came
+        check_state_dict(sd, metadata)
     return sd, metadata
 
 
 def saveable(sd: dict) -> dict:
-    """``sd`` with every tensor that shares memory with an earlier one cloned: safetensors refuses shared
-    tensors, and tied q/k/v side tensors are shared on purpose. The tensors of ``sd`` are not changed."""
+    """``sd`` with every tensor that shares memory with an earlier one cloned, when ``sd`` holds int4 layers:
+    safetensors refuses shared tensors, and tied q/k/v side tensors are shared on purpose. Any other ``sd``
+    is returned as is (safetensors judges it as before). The tensors of ``sd`` are not changed. Warns when
+    int4 layers are saved without their LoRA output terms (``layer.warn_unsaved_terms``)."""
+    if not any(k.endswith(".comfy_quant") and names_int4(v) for k, v in sd.items()):
+        return sd
+    warn_unsaved_terms(sd)
     seen, out = set(), {}
     for key, t in sd.items():
         ptr = (t.untyped_storage().data_ptr(), t.data_ptr()) if t.numel() else None

@@ -18,7 +18,7 @@ import weakref
 
 import torch
 
-from comfy.quant import formats, kitchen
+from comfy.quant import formats, kitchen, loading
 from comfy.quant.deltas import as_parameter, output_terms
 from comfy.quant.errors import QuantizedLayerError
 from comfy.quant.formats.base import FLOAT_DTYPES, check_finite
@@ -31,10 +31,19 @@ def is_int4(weight) -> bool:
 
 
 # ---- loading ----
+def _has_int4_tensors(state_dict, prefix) -> bool:
+    return any(prefix + name in state_dict for name in loading.int4_only_suffixes())
+
+
 def int4_entry(state_dict, prefix):
-    """The decoded ``comfy_quant`` JSON of ``prefix`` when it names an int4 format of this package, else None."""
+    """The decoded ``comfy_quant`` JSON of ``prefix`` when it names an int4 format of this package, else None.
+
+    A layer is int4 when its JSON names an int4 format or it holds a tensor only int4 formats write; only
+    then is the JSON parsed strictly (bounded, errors naming the layer). Other layers (fp8, nvfp4, int8, a
+    malformed non-int4 entry) are left untouched for the host's loader.
+    """
     raw = state_dict.get(prefix + "comfy_quant")
-    if raw is None:
+    if raw is None or not (loading.names_int4(raw) or _has_int4_tensors(state_dict, prefix)):
         return None
     conf = formats.decode_config(raw, prefix.rstrip("."))
     return conf if conf["format"] in formats.FORMATS else None
@@ -84,7 +93,10 @@ def checked_bias(module, bias, layer):
 
 
 # ---- saving ----
-_WARNED_TERMS: set = set()
+# data_ptr of a packed weight -> (weakref to it, layer, format) for the layers whose last state dict left out
+# a LoRA output term; ``warn_unsaved_terms`` looks a saved state dict's tensors (or views of them) up here.
+# Hosts also call state_dict() only to list keys (LoRA key maps), so the warning waits for a save.
+_UNSAVED_TERMS: dict = {}
 
 
 def save_linear(module, destination, prefix) -> bool:
@@ -92,18 +104,32 @@ def save_linear(module, destination, prefix) -> bool:
     fmt = formats.format_of(module.weight)
     if fmt is None:
         return False
-    if output_terms(module.weight) and id(module.weight) not in _WARNED_TERMS:
-        # hosts also call state_dict() only to list keys (LoRA key maps): say it once per patched weight
-        _WARNED_TERMS.add(id(module.weight))
-        logger.warning("%s: a state dict of this layer leaves out its LoRA output term (the %s layout has "
-                       "no place for it); unpatch before saving, or save the LoRA separately",
-                       prefix.rstrip("."), fmt.name)
-    for key, tensor in fmt.state_dict(module.weight).items():
+    tensors = fmt.state_dict(module.weight)
+    packed = tensors["weight"]
+    if output_terms(module.weight):
+        _UNSAVED_TERMS[packed.data_ptr()] = (weakref.ref(packed), prefix.rstrip("."), fmt.name)
+    else:
+        _UNSAVED_TERMS.pop(packed.data_ptr(), None)
+    for key, tensor in tensors.items():
         destination[prefix + key] = tensor
     destination[prefix + "comfy_quant"] = formats.encode_config(fmt.config_json(module.weight))
     if module.bias is not None:
         destination[prefix + "bias"] = module.bias.detach()
     return True
+
+
+def warn_unsaved_terms(sd) -> None:
+    """Warn once per save when ``sd`` (about to be written to a file) holds int4 layers whose LoRA output
+    terms their state dict left out (the layout has no place for them)."""
+    layers = []
+    for t in sd.values():
+        entry = _UNSAVED_TERMS.get(t.data_ptr()) if isinstance(t, torch.Tensor) and t.numel() else None
+        if entry is not None and entry[0]() is not None:
+            layers.append(f"{entry[1]} ({entry[2]})")
+    if layers:
+        logger.warning("saving %d int4 layer(s) without their LoRA output terms (their layout has no place for "
+                       "them): %s; unpatch before saving, or save the LoRA separately", len(layers),
+                       ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else ""))
 
 
 # ---- running ----
@@ -123,7 +149,7 @@ def linear_forward(module, input, weight=None, bias=None):
     cast onto the input's device) plus the output terms attached to ``module.weight``."""
     weight = module.weight if weight is None else weight
     dtype = compute_dtype(weight)
-    x = input.to(dtype)
+    x = input.to(dtype).contiguous()  # a strided view sends kitchen's W4A4 linear to an inexact dequantized fallback
     if weight.device != x.device:
         weight = weight.to(x.device)
     if weight.dtype != dtype:  # a host's .to(dtype) only relabels a QuantizedTensor; the kernel needs its own
