@@ -1,15 +1,23 @@
 """Running this project inside a patched copy of real upstream ComfyUI, for ``test_upstream_comfyui.py``.
 
-* Where upstream is: ``$COMFYUI_PATH``, else ``<repo root>/../shared/upstream/ComfyUI`` (an unmodified
-  ComfyUI at commit 4f874c5). Absent → every test that needs it skips, saying so.
+* Which upstream: both pinned trees, ``4f874c5`` and ``6db4fa2f``, each made fresh by
+  ``<repo root>/../shared/tools/upstream-tree.sh REV DEST`` and run with the comfy-kitchen and comfy-aimdo
+  versions ITS OWN ``requirements.txt`` pins: those are installed (``pip install --no-deps --target``, once,
+  cached) into ``<repo root>/.upstream-site/<name>-<version>_.../`` (``pinned_site``), which goes first on
+  the subprocess's PYTHONPATH. ``upstream_source`` (session fixture) is parametrized over the two trees,
+  so every test that uses ``comfyui`` / ``comfyui_unpatched`` runs once per tree, the revision in its id.
+  With ``$COMFYUI_PATH`` set: that one tree only (id ``COMFYUI_PATH``), with this Python's own packages.
+  Absent → every test that needs it skips, saying so.
 * ``comfyui`` (session fixture): a temporary copy of that tree with the project installed
-  (``install_project``: ``python -m comfy.quant install-comfyui`` when this checkout has it, else
-  copy ``comfy/quant`` + ``git apply comfy/quant_tools/upstream/comfyui.patch``), on which upstream's own
-  ``tests-unit/comfy_quant`` is run once. ``comfyui_unpatched``: a plain copy.
+  (``install_project``: ``python -m comfy.quant install-comfyui --patch P`` when this checkout has it, else
+  copy ``comfy/quant`` + ``git apply P``; P = ``comfy/quant_tools/upstream/comfyui-<rev>.patch`` where that
+  exists, else ``comfyui.patch``), on which upstream's own ``tests-unit/comfy_quant`` is run once.
+  ``comfyui_unpatched``: a plain copy. Both are ``ComfyUICopy`` (``.path``, ``.rev``).
 * ``run_in_comfyui(copy, scenario, workdir, **params)``: one subprocess running
-  ``upstream_scenarios.py`` there (cwd = the copy, PYTHONPATH = the copy + ``tests_quant/stubs``,
-  ``--cpu`` in its argv); returns the scenario's JSON. Upstream's ``comfy`` and this repository's host
-  ``comfy`` share a name, so upstream only ever runs in such subprocesses.
+  ``upstream_scenarios.py`` there (cwd = the copy, PYTHONPATH = the tree's pinned packages + the copy +
+  ``tests_quant/stubs``, ``--cpu`` in its argv); returns the scenario's JSON. ``run_script`` does the same
+  for another scenario file. Upstream's ``comfy`` and this repository's host ``comfy`` share a name, so
+  upstream only ever runs in such subprocesses.
 * The files the scenarios load are made here, in the pytest process, with THIS repository's code:
   ``demo.py``'s seeded Qwen-Image model quantized by ``quantizer.py``, a Nunchaku file from
   ``nunchaku_fixtures.py``, LoRA files from ``lora_helpers.py``; expectations are computed here too
@@ -35,6 +43,12 @@ REPO_ROOT = TESTS_DIR.parent
 STUBS_DIR = TESTS_DIR / "stubs"
 SCENARIOS = TESTS_DIR / "upstream_scenarios.py"
 PATCH = REPO_ROOT / "comfy" / "quant_tools" / "upstream" / "comfyui.patch"
+SHARED = REPO_ROOT.parent / "shared"
+TREE_SCRIPT = SHARED / "tools" / "upstream-tree.sh"
+REVISIONS = ("4f874c5", "6db4fa2f")      # the pinned upstream trees (../shared/upstream/README.md)
+PINNED = ("comfy-kitchen", "comfy-aimdo")  # installed per tree, at the version its requirements.txt pins
+SITE_ROOT = REPO_ROOT / ".upstream-site"
+PIP_TIMEOUT_S = 900
 UPSTREAM_ARGS = ("--cpu",)
 SCENARIO_TIMEOUT_S = 300
 UNIT_TESTS = "tests-unit/comfy_quant"
@@ -43,7 +57,7 @@ UNIT_TESTS = "tests-unit/comfy_quant"
 # ------------------------------------------------------------------------------------ locations
 def upstream_tree() -> Path:
     env = os.environ.get("COMFYUI_PATH")
-    return Path(env).expanduser().resolve() if env else (REPO_ROOT.parent / "shared" / "upstream" / "ComfyUI").resolve()
+    return Path(env).expanduser().resolve() if env else (SHARED / "upstream" / "ComfyUI").resolve()
 
 
 def upstream_skip_reason() -> str | None:
@@ -51,13 +65,66 @@ def upstream_skip_reason() -> str | None:
     if not (tree / "nodes.py").is_file() or not (tree / "comfy").is_dir():
         how = "$COMFYUI_PATH" if os.environ.get("COMFYUI_PATH") else "default location (set $COMFYUI_PATH)"
         return f"upstream ComfyUI not found at {tree} ({how})"
+    if not os.environ.get("COMFYUI_PATH") and not TREE_SCRIPT.is_file():
+        return f"{TREE_SCRIPT} not found (it makes the pinned upstream trees)"
     return None
 
 
-def copy_upstream(dest: Path) -> Path:
-    """A private copy of the upstream tree (~29 MB) that tests may patch and write into."""
-    shutil.copytree(upstream_tree(), dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+def copy_upstream(dest: Path, source: Path | None = None) -> Path:
+    """A private copy of an upstream tree (~29 MB; default ``upstream_tree()``) that tests may patch and write into."""
+    shutil.copytree(source or upstream_tree(), dest, symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return dest
+
+
+def make_tree(rev: str, dest: Path) -> Path:
+    """A fresh writable upstream tree at ``rev`` (``../shared/tools/upstream-tree.sh``)."""
+    proc = subprocess.run(["bash", str(TREE_SCRIPT), rev, str(dest)], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{TREE_SCRIPT.name} {rev} {dest} failed ({proc.returncode}):\n{proc.stderr}")
+    return dest
+
+
+def tree_pins(tree: Path) -> dict[str, str]:
+    """``{package: version}`` of the ``PINNED`` packages in ``tree``'s requirements.txt (``name==version`` lines)."""
+    pins = {}
+    for line in (tree / "requirements.txt").read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep and name.strip().lower() in PINNED:
+            pins[name.strip().lower()] = version.strip()
+    missing = sorted(set(PINNED) - set(pins))
+    if missing:
+        raise RuntimeError(f"{tree / 'requirements.txt'}: no '==' pin for {', '.join(missing)}")
+    return pins
+
+
+def pinned_site(pins: dict[str, str]) -> Path:
+    """A folder holding exactly ``pins`` (``pip install --no-deps --target``), made once and reused.
+
+    ``--no-deps``: comfy-kitchen and comfy-aimdo need nothing at run time but torch, which stays this
+    Python's. Built under a temporary name and renamed, so an interrupted install is never reused."""
+    site = SITE_ROOT / "_".join(f"{name}-{version}" for name, version in sorted(pins.items()))
+    if site.is_dir():
+        return site
+    tmp = site.with_name(f"{site.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--target", str(tmp), *(f"{name}=={version}" for name, version in sorted(pins.items()))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{_tail(proc.stderr)}")
+    try:
+        tmp.rename(site)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return site
+
+
+def patch_for(rev: str) -> Path:
+    """The patch for upstream ``rev``: ``comfyui-<rev>.patch`` next to ``comfyui.patch`` where it exists."""
+    own = PATCH.with_name(f"comfyui-{rev}.patch")
+    return own if own.is_file() else PATCH
 
 
 # ------------------------------------------------------------------------------------ install
@@ -67,13 +134,13 @@ def _installer_available() -> bool:
     return proc.returncode == 0
 
 
-def install_project(copy: Path) -> str:
-    """Install this checkout's ``comfy/quant`` and its upstream patch into ``copy``; returns how it was done.
+def install_project(copy: Path, patch: Path = PATCH) -> str:
+    """Install this checkout's ``comfy/quant`` and ``patch`` into ``copy``; returns how it was done.
 
     The one switch point: the project's installer when present, else the same two steps by hand."""
     if _installer_available():
-        proc = subprocess.run([sys.executable, "-m", "comfy.quant", "install-comfyui", str(copy)], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "comfy.quant", "install-comfyui", str(copy),
+                               "--patch", str(patch)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"install-comfyui {copy} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return "python -m comfy.quant install-comfyui: " + (proc.stdout.strip() or proc.stderr.strip())
@@ -81,18 +148,25 @@ def install_project(copy: Path) -> str:
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     # never let git find a repository above the copy (it would resolve the patch's paths there)
     env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(copy.parent))
-    proc = subprocess.run(["git", "apply", "--whitespace=nowarn", str(PATCH)], cwd=copy, env=env,
+    proc = subprocess.run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=copy, env=env,
                           capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        raise RuntimeError(f"git apply {PATCH} in {copy} failed:\n{proc.stderr}")
+        raise RuntimeError(f"git apply {patch} in {copy} failed:\n{proc.stderr}")
     return "copied comfy/quant and ran git apply"
 
 
+# copy (resolved) -> the folder with its tree's pinned packages; a copy not here runs on this Python's own
+_SITES: dict[Path, Path] = {}
+
+
 def _env(copy: Path) -> dict:
-    """PYTHONPATH = the copy, the stand-ins, then any existing entries that cannot shadow upstream."""
+    """PYTHONPATH = the tree's pinned packages (if any), the copy, the stand-ins, then any existing entries
+    that cannot shadow upstream."""
     keep = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
             if p and Path(p).resolve() not in (REPO_ROOT, TESTS_DIR)]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy), str(STUBS_DIR), *keep]),
+    site = _SITES.get(Path(copy).resolve())
+    first = [str(site)] if site else []
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([*first, str(copy), str(STUBS_DIR), *keep]),
                 PYTHONDONTWRITEBYTECODE="1")
 
 
@@ -121,7 +195,12 @@ def _tail(text: str, lines=60) -> str:
 
 
 def run_in_comfyui(copy, scenario_name, workdir, timeout=SCENARIO_TIMEOUT_S, **params) -> dict:
-    """Run one scenario of ``upstream_scenarios.py`` in the ComfyUI at ``copy``; its JSON result.
+    """Run one scenario of ``upstream_scenarios.py`` in the ComfyUI at ``copy``; its JSON result (``run_script``)."""
+    return run_script(SCENARIOS, copy, scenario_name, workdir, timeout, **params)
+
+
+def run_script(script, copy, scenario_name, workdir, timeout=SCENARIO_TIMEOUT_S, **params) -> dict:
+    """Run one scenario of the scenario file ``script`` in the ComfyUI at ``copy``; its JSON result.
 
     ``params`` go to the scenario as JSON (paths as strings), with ``workdir``, ``result`` (the JSON it
     writes) and ``tensors`` (the safetensors it may write) added. Raises ScenarioError with the
@@ -134,7 +213,7 @@ def run_in_comfyui(copy, scenario_name, workdir, timeout=SCENARIO_TIMEOUT_S, **p
     result_path.unlink(missing_ok=True)
     params = {"workdir": str(workdir), "result": str(result_path),
               "tensors": str(workdir / f"{scenario_name}.safetensors"), **params}
-    cmd = [sys.executable, str(SCENARIOS), scenario_name, json.dumps(params, default=str), "--", *UPSTREAM_ARGS]
+    cmd = [sys.executable, str(script), scenario_name, json.dumps(params, default=str), "--", *UPSTREAM_ARGS]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=copy, env=_env(Path(copy)), capture_output=True, text=True, timeout=timeout)
@@ -306,35 +385,64 @@ class ComfyUICopy:
     installed: str = ""
     unit_tests: UnitTestRun | None = None
     seconds: dict = field(default_factory=dict)
+    rev: str = ""                # "4f874c5", "6db4fa2f", or "COMFYUI_PATH"
+    site: Path | None = None     # its tree's pinned comfy-kitchen / comfy-aimdo (None: this Python's own)
+    pins: dict = field(default_factory=dict)  # {"comfy-kitchen": version, "comfy-aimdo": version} in ``site``
 
 
-@pytest.fixture(scope="session")
-def upstream_source():
+@dataclass(frozen=True)
+class UpstreamSource:
+    """One upstream tree to test against: where it is and the packages it runs with."""
+    rev: str
+    tree: Path
+    site: Path | None
+    pins: dict
+
+
+def _source_params() -> list[str]:
+    return ["COMFYUI_PATH"] if os.environ.get("COMFYUI_PATH") else list(REVISIONS)
+
+
+@pytest.fixture(scope="session", params=_source_params())
+def upstream_source(request, tmp_path_factory) -> UpstreamSource:
+    """A pristine upstream tree per revision (its pinned packages installed), or ``$COMFYUI_PATH`` as it is."""
     reason = upstream_skip_reason()
     if reason:
         pytest.skip(reason)
-    return upstream_tree()
+    rev = request.param
+    if rev == "COMFYUI_PATH":
+        return UpstreamSource(rev, upstream_tree(), None, {})
+    tree = make_tree(rev, tmp_path_factory.mktemp(f"upstream-{rev}") / "ComfyUI")
+    pins = tree_pins(tree)
+    return UpstreamSource(rev, tree, pinned_site(pins), pins)
+
+
+def _copy(source: UpstreamSource, dest: Path) -> ComfyUICopy:
+    t0 = time.perf_counter()
+    copy = copy_upstream(dest, source.tree)
+    if source.site:
+        _SITES[copy.resolve()] = source.site
+    return ComfyUICopy(copy, rev=source.rev, site=source.site, pins=dict(source.pins),
+                       seconds={"copy": time.perf_counter() - t0})
 
 
 @pytest.fixture(scope="session")
 def comfyui_unpatched(upstream_source, tmp_path_factory) -> ComfyUICopy:
-    t0 = time.perf_counter()
-    copy = copy_upstream(tmp_path_factory.mktemp("upstream-plain") / "ComfyUI")
-    return ComfyUICopy(copy, seconds={"copy": time.perf_counter() - t0})
+    return _copy(upstream_source, tmp_path_factory.mktemp(f"upstream-plain-{upstream_source.rev}") / "ComfyUI")
 
 
 @pytest.fixture(scope="session")
 def comfyui(upstream_source, tmp_path_factory) -> ComfyUICopy:
     """A copy of upstream with this project installed, and upstream's own comfy_quant unit tests run there."""
-    if not PATCH.is_file():
-        pytest.skip(f"the upstream patch {PATCH.relative_to(REPO_ROOT)} does not exist yet")
-    t0 = time.perf_counter()
-    c = ComfyUICopy(copy_upstream(tmp_path_factory.mktemp("upstream-patched") / "ComfyUI"))
+    patch = patch_for(upstream_source.rev)
+    if not patch.is_file():
+        pytest.skip(f"the upstream patch {patch.relative_to(REPO_ROOT)} does not exist yet")
+    c = _copy(upstream_source, tmp_path_factory.mktemp(f"upstream-patched-{upstream_source.rev}") / "ComfyUI")
     t1 = time.perf_counter()
-    c.installed = install_project(c.path)
+    c.installed = install_project(c.path, patch)
     t2 = time.perf_counter()
     c.unit_tests = run_upstream_unit_tests(c.path)
-    c.seconds = {"copy": t1 - t0, "install": t2 - t1, "unit tests": time.perf_counter() - t2}
+    c.seconds.update({"install": t2 - t1, "unit tests": time.perf_counter() - t2})
     return c
 
 
@@ -374,3 +482,21 @@ def models(tmp_path_factory) -> Models:
                              seed=100),
              "B": build_lora(d / "loras" / "lora_b_kohya.safetensors", shapes, "kohya", rank=8, alpha=8.0, seed=200)}
     return Models(d, int4_name, int4, nk_name, nat, F.native_layers(nat), loras)
+
+
+def main(argv) -> int:
+    """``python3 tests_quant/upstream_env.py pins``: install every pinned tree's packages ahead of time (the
+    fixtures otherwise do it on first use, e.g. to prepare a machine before it goes offline); one line per tree."""
+    import tempfile
+    if argv[1:] != ["pins"]:
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        for rev in REVISIONS:
+            pins = tree_pins(make_tree(rev, Path(tmp) / rev))
+            print(f"{rev}: {pinned_site(pins)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
