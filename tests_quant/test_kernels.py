@@ -272,3 +272,22 @@ def test_kernels_are_deterministic_at_full_size():
     xa = _input(8, 3072, torch.bfloat16, False, seed=2)
     ya = AWQ.linear(xa, wt, None)
     assert all(torch.equal(ya, AWQ.linear(xa, wt, None)) for _ in range(5))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 16, 64, 1024])
+def test_awq_bit_trick_codes_are_the_same_arithmetic(dtype, m):
+    """codes − 8 set into the significand of 128 (bf16) / 1024 (fp16) and subtracted: the same values as
+    the converted ones, so the same output bit for bit, also at GEMM tiles (M > 16), within the bound."""
+    n, k = 18432, 3072
+    t = _on_device(awq_tensors(n, k, dtype=dtype, seed=m))
+    x = _input(m, k, dtype, False, seed=m + 3)
+    cfg = AWQ._config(m, n, k // 64, DEVICE)
+    args = (x, t["weight"], t["weight_scale"], t["weight_zeros"], 64, t["bias"])
+    y = AWQ.gemv(*args, config=dict(cfg, BITS=True))
+    assert torch.equal(y, AWQ.gemv(*args, config=dict(cfg, BITS=False)))
+    ref = x.double() @ awq_weight(t, 64).t() + t["bias"].double()
+    tol = awq_kernel_tolerance(ref, awq_magnitude(t, x, 64) + t["bias"].double().abs(), dtype, k, 64,
+                               cfg["SPLIT_K"])
+    assert ((y.double() - ref).abs() <= tol).all()

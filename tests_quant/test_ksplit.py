@@ -279,25 +279,28 @@ def test_uniform_split_is_the_plain_layer():
 
 
 class _Captured:
-    """Wraps ``W4A4.quantize`` for a block: counts the calls and keeps the last codes and scales (one
-    kernel run serves both the exactness check and the forward; the interpreter is slow)."""
+    """Wraps ``W4A4.quantize`` and ``W4A4.activation`` (the one-pass variant: codes, scales, low-rank input)
+    for a block: counts the calls and keeps the last codes (as int8) and scales (one kernel run serves
+    both the exactness check and the forward; the interpreter is slow)."""
 
     def __init__(self):
         self.calls, self.q, self.s = 0, None, None
 
-    def __enter__(self):
-        self.orig = W4A4.quantize
-
-        def quantize(*a, **k):
+    def _wrap(self, fn):
+        def wrapped(*a, **k):
             self.calls += 1
-            self.q, self.s = self.orig(*a, **k)
-            return self.q, self.s
+            out = fn(*a, **k)
+            self.q, self.s = out[0].float().to(torch.int8), out[1]  # e4m3 codes (FP8 GEMM): the same integers
+            return out
+        return wrapped
 
-        W4A4.quantize = quantize
+    def __enter__(self):
+        self.orig = W4A4.quantize, W4A4.activation
+        W4A4.quantize, W4A4.activation = (self._wrap(f) for f in self.orig)
         return self
 
     def __exit__(self, *exc):
-        W4A4.quantize = self.orig
+        W4A4.quantize, W4A4.activation = self.orig
 
 
 @requires_kernels

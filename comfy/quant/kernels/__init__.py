@@ -9,8 +9,12 @@
 - ``kitchen``: kitchen's kernels always.
 
 The kernels live in ``triton_w4a4`` and ``triton_awq``; those modules import Triton, so they are
-imported only when first chosen. A format asks ``w4a4_kernel(device)`` / ``awq_kernel(device, rows)``
-and gets the module to call, or None for kitchen's path.
+imported only when first chosen (importing this package imports neither, and a mistyped mode is read
+as ``auto`` with one warning: ComfyUI imports this while it starts). A format asks
+``w4a4_kernel(device)`` / ``awq_kernel(device, rows)`` and gets the module to call, or None for
+kitchen's path. Within ``triton_w4a4``, ``gemm_codes(device)`` picks the GEMM: FP8 tensor cores on
+Hopper with the Triton it was written for (3.6) once ``triton_w4a4.FP8_GEMM`` is on (after a Hopper
+measurement), the int8 GEMM otherwise (one log line says why where the Triton differs).
 """
 from __future__ import annotations
 
@@ -41,7 +45,17 @@ def _checked(mode: str) -> str:
     return mode
 
 
-_mode = _checked(os.environ.get(ENV, "auto").strip().lower() or "auto")
+def _from_env() -> str:
+    """The mode ``COMFY_INT4_KERNELS`` names; a mistyped value is logged once and read as ``auto`` (this
+    package is imported while ComfyUI starts, where an exception would stop the start)."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        logger.warning("%s=%r is not one of %s; using 'auto'", ENV, value, list(MODES))
+        return "auto"
+    return value
+
+
+_mode = _from_env()
 
 
 def mode() -> str:

@@ -17,8 +17,22 @@ from comfy.quant.kernels.triton_w4a4 import INTERPRETED, _launcher
 
 
 @triton.jit
+def _codes(u, dtype: tl.constexpr, BITS: tl.constexpr):
+    """Unsigned nibbles ``u`` minus 8 in the compute dtype without an int-to-float conversion: the nibble
+    set into the significand of 128 (bf16) or 1024 (fp16), then the exact subtraction of 136 or 1032
+    (with BITS; without, two conversions: int -> fp32 -> the dtype, at a quarter of the fp32 rate)."""
+    if not BITS:
+        return (u.to(tl.float32) - 8.0).to(dtype)
+    elif dtype == tl.bfloat16:
+        return (u.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0
+    else:
+        return (u.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+
+
+@triton.jit
 def _awq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
-                GROUPS_PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, G: tl.constexpr,
+                GROUPS_PER_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BITS: tl.constexpr,
+                G: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -36,14 +50,14 @@ def _awq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
         xe = tl.load(x_ptrs + g * G, mask=row_ok, other=0.0)
         xo = tl.load(x_ptrs + g * G + 1, mask=row_ok, other=0.0)
         wb = tl.load(w_ptrs + g * (G // 2)).to(tl.uint8, bitcast=True)
-        lo = (wb & 15).to(tl.float32) - 8.0
-        hi = (wb >> 4).to(tl.float32) - 8.0
+        lo = _codes(wb & 15, xe.dtype, BITS)
+        hi = _codes(wb >> 4, xe.dtype, BITS)
         if DOT_F32:  # Triton's interpreter multiplies bf16 as raw bits; these products are exact in fp32
-            d = tl.dot(xe.to(tl.float32), tl.trans(lo), input_precision="ieee")
-            d = tl.dot(xo.to(tl.float32), tl.trans(hi), acc=d, input_precision="ieee")
+            d = tl.dot(xe.to(tl.float32), tl.trans(lo.to(tl.float32)), input_precision="ieee")
+            d = tl.dot(xo.to(tl.float32), tl.trans(hi.to(tl.float32)), acc=d, input_precision="ieee")
         else:
-            d = tl.dot(xe, tl.trans(lo.to(xe.dtype)))
-            d = tl.dot(xo, tl.trans(hi.to(xe.dtype)), acc=d)
+            d = tl.dot(xe, tl.trans(lo))
+            d = tl.dot(xo, tl.trans(hi), acc=d)
         xsum = tl.sum(xe.to(tl.float32) + xo.to(tl.float32), axis=1)
         s = tl.load(s_ptr + g * N + rn_in).to(tl.float32)
         z = tl.load(z_ptr + g * N + rn_in).to(tl.float32)
@@ -56,11 +70,22 @@ def _awq_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm,
 
 
 def _config(m: int, n: int, groups: int, device) -> dict:
-    """Block sizes (measured on an H200; see docs/benchmarks.md): one 16-row MMA tile, split-K for parallelism."""
+    """Block sizes (docs/benchmarks.md): up to 16 rows one 16-row MMA tile and split-K for parallelism (measured
+    on an H200); more rows, GEMM tiles."""
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, num_warps=4)
+    if m > SMALL_M:  # a GEMM: tensor-core tiles, no split-K
+        return dict(LARGE_CONFIG if m > 256 else MEDIUM_CONFIG)
     split = next(s for s in (8, 4, 2, 1) if groups % s == 0)
     return dict(BLOCK_M=16, BLOCK_N=128, SPLIT_K=split, num_warps=4, num_stages=3)
+
+
+SMALL_M = 16
+# codes - 8 by the bit trick in ``_codes`` instead of two conversions: on once measured on Hopper
+# (tests_quant/gpu_hopper_bench.py); until then only where a config asks for it (BITS=True)
+BIT_CODES = False
+MEDIUM_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, SPLIT_K=1, num_warps=4, num_stages=3)
+LARGE_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, SPLIT_K=1, num_warps=8, num_stages=3)
 
 
 def supports(x: torch.Tensor, weight) -> bool:
@@ -81,9 +106,11 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zeros: torch
     out_dtype = x.dtype if split == 1 else torch.float32
     y = torch.empty(split, m, n, dtype=out_dtype, device=x.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
+    bits = cfg.pop("BITS", BIT_CODES) and not INTERPRETED  # the interpreter has no bf16 constants
     _launcher(_awq_kernel, x.device)[grid](
         x, qdata, scale, zeros, y if bias is None else bias, y, m, n, k, x.stride(0),
-        GROUPS_PER_SPLIT=k // group // split, HAS_BIAS=bias is not None, DOT_F32=INTERPRETED, G=group, **cfg)
+        GROUPS_PER_SPLIT=k // group // split, HAS_BIAS=bias is not None, DOT_F32=INTERPRETED, BITS=bits, G=group,
+        **cfg)
     return y[0] if split == 1 else y.sum(0).to(x.dtype)  # torch's reduction: fixed order, deterministic
 
 
