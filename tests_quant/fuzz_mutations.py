@@ -6,7 +6,12 @@ A mutation is plain data (a tuple), so hypothesis can shrink it and a failure pr
   (``f`` in [0, 1) places the edit within the region);
 * tensors and metadata (``tensor_mutations(sd, meta)``): ``("drop", key)``, ``("stray", key)``,
   ``("shape", key, how)``, ``("dtype", key, dtype name)``, ``("value", key, f, value)``,
-  ``("layer_json", key, value)``, ``("meta_json", entry, text)``.
+  ``("layer_json", key, value)``, ``("meta_json", entry, text)``, ``("stray_slot", key, name)`` (a tensor
+  ``<layer>.<name>`` beside a quantized layer's own: an unknown ``weight_*`` suffix or another format's);
+* outputs (``output_cases()``): ``(kind, force)``, an output path that is a FIFO, a symlink (to a file or
+  dangling), a directory, an existing file, in a missing folder, or the input; ``interrupts()``: where a
+  write is cut (``(kind, f)``: an exception, ``KeyboardInterrupt`` or the CLI's ``Terminated``, at a fraction
+  ``f`` of the tensors written).
 """
 from __future__ import annotations
 
@@ -76,7 +81,21 @@ def tensor_mutations(sd: dict, meta: dict, values=VALUES):
         st.tuples(st.just("value"), keys, frac, st.sampled_from(values)),
         st.tuples(st.just("layer_json"), st.sampled_from(quant_keys), _layer_json_edits()),
         st.tuples(st.just("meta_json"), entries, meta_text),
+        st.tuples(st.just("stray_slot"), st.sampled_from(quant_keys), st.sampled_from(STRAY_SLOTS)),
     )
+
+
+STRAY_SLOTS = ("weight_foo", "weight_zeros", "weight_proj_down", "weight_smooth_factor", "weight_extra_scale")
+OUTPUT_KINDS = ("new", "fifo", "symlink_file", "symlink_dangling", "directory", "existing", "missing_folder",
+                "the_input")
+
+
+def output_cases():
+    return st.tuples(st.sampled_from(OUTPUT_KINDS), st.booleans())
+
+
+def interrupts():
+    return st.tuples(st.sampled_from(("KeyboardInterrupt", "Terminated", "OSError")), st.floats(0, 1, exclude_max=True))
 
 
 def strengths():
@@ -149,3 +168,6 @@ def apply_tensor_mutation(sd: dict, meta: dict, mutation) -> None:
         sd[key] = _layer_json(sd[key], mutation[2])
     elif kind == "meta_json":
         meta[key] = mutation[2]
+    elif kind == "stray_slot":
+        layer = key[: -len(".comfy_quant")] if key.endswith(".comfy_quant") else key.rpartition(".")[0]
+        sd.setdefault(f"{layer}.{mutation[2]}", torch.zeros(4, dtype=torch.bfloat16))

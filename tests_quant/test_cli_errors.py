@@ -4,7 +4,9 @@ import argparse
 import functools
 import logging
 import math
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -84,11 +86,17 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, make):
     assert len(lines) == 1 and lines[0].startswith(f"error: {model}: "), err
 
 
-def test_cli_verbose_shows_the_traceback(tmp_path):
+@pytest.mark.parametrize("where", ["before", "after"], ids=["-v COMMAND", "COMMAND ARGS -v"])
+def test_cli_verbose_shows_the_traceback_and_keeps_the_exit_status(tmp_path, capsys, where):
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"garbage")
-    with pytest.raises(UnreadableFileError):
-        cli.main(["-v", "lora-check", str(model), str(model)])
+    argv = ["lora-check", str(model), str(model)]
+    code, err = _run(capsys, *(["-v", *argv] if where == "before" else [*argv, "-v"]))
+    assert code == 2, err
+    assert "Traceback (most recent call last)" in err and "UnreadableFileError" in err
+    assert err.strip().splitlines()[-1].startswith(f"error: {model}: cannot read as safetensors")
+    code, err = _run(capsys, *argv)  # control: without -v, one line
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------- the CLI as a user tool
@@ -277,10 +285,11 @@ def test_failure_midway_leaves_no_output_and_no_partial(files, tmp_path, capsys,
         assert out.read_bytes() == b"an earlier output"
 
 
-def test_verbose_shows_the_traceback_of_internal_errors(files, tmp_path, monkeypatch):
+def test_verbose_shows_the_traceback_of_internal_errors(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(quantizer, "_write", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
-    with pytest.raises(RuntimeError, match="boom"):
-        cli.main(["-v", "quantize", str(files["float"]), str(tmp_path / "out.safetensors")])
+    code, err = _run(capsys, "quantize", str(files["float"]), str(tmp_path / "out.safetensors"), "-v")
+    assert code == 3 and "Traceback (most recent call last)" in err and "RuntimeError: boom" in err
+    assert err.strip().splitlines()[-1] == "error: internal error: RuntimeError: boom"
 
 
 # ---- rank, alpha, strength: refused at parsing, one line ----
@@ -404,8 +413,25 @@ def test_demo_announces_each_step_and_reruns(tmp_path, capsys, caplog, monkeypat
         assert len(steps) == len(words) and all(s.startswith(w) for s, w in zip(steps, words)), steps
         captured = capsys.readouterr()
         assert "quantizing: 100%" in captured.err  # the quantizer's bar
-        assert "cosine nan" not in captured.out and "restored bit-exact: yes" in captured.out
+        out = captured.out
+        assert "cosine nan" not in out and "checks (all passed;" in out and out.count("  [PASS] ") == 3, out
+        assert re.search(r"one forward: int4 [\d.]+s, bf16 [\d.]+s", out), out  # both timed in the same run
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert all(str(tmp_path / n) in out.splitlines()[-1] for n in names) and len(names) == 3, (names, out)
+        umask = os.umask(0)
+        os.umask(umask)
+        assert {stat.S_IMODE(os.stat(tmp_path / n).st_mode) for n in names} == {0o666 & ~umask}
     assert logging.getLogger("comfy.quant").level == logging.NOTSET  # left as it was
+
+
+def test_demo_verdict_fails_when_a_check_fails(tmp_path, capsys, monkeypatch):
+    """Negative control of the verdict: an int4 model that does not agree with bf16 fails its check, exit 1."""
+    monkeypatch.setattr(comfy.quant_tools.demo, "DemoConfig", functools.partial(DemoConfig, num_layers=1, latent_size=8,
+                                                                                text_tokens=4))
+    monkeypatch.setattr(comfy.quant_tools.demo, "agreement", lambda y, ref: (0.5, 3.0))
+    assert cli.main(["demo", "--workdir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "checks (FAILED;" in out and "  [FAIL] int4 agrees with bf16: output cosine 0.50000 (needs >= 0.95)" in out
 
 
 # ---- lora-check: exit 1 when a patch is refused ----
@@ -459,6 +485,7 @@ def test_help_documents_every_option_with_its_default(capsys):
             if not action.option_strings:
                 continue
             text = entries[action.option_strings[0]]
-            default = "(default:" if action.default is None else f"(default: {action.default})"
+            said = action.default is None or action.default == argparse.SUPPRESS  # -v after a command: its own
+            default = "(default:" if said else f"(default: {action.default})"
             assert default in text, (name, action.option_strings, text)
 

@@ -130,6 +130,9 @@ def _int4_problem(weight, adapter, function, strength_model, shape) -> str | Non
 # ------------------------------------------------------------------ adapter checks (any target)
 MAX_STRENGTH = 100.0  # LoraLoader's strength inputs range over [-100, 100]
 _F32_MAX = torch.finfo(torch.float32).max
+# the largest activation whose square is finite in float32: every block squares its activations (the
+# variance of LayerNorm / RMSNorm, q·k in attention), so a larger one makes the model's output NaN / Inf
+_ACTIVATION_MAX = math.sqrt(_F32_MAX)
 
 # tensor names of the ``weights`` slots of the adapter layouts both hosts share
 _SLOTS = {
@@ -170,7 +173,8 @@ def adapter_problem(adapter, strength_patch=1.0, strength_model=1.0, scan_values
     """Why ``adapter`` (a weight adapter or a ``("diff", (tensor,))``-style tuple) cannot apply to any
     weight, or None: strengths finite within ±100, alpha a finite scalar, factors that compose (ranks
     agree, no 0-d or empty factors, LoHa/LoKr products of one shape) and, with ``scan_values``, every
-    tensor finite and the delta's bound (|factors| × ranks × scale × strength) within float32.
+    tensor finite, the delta's bound (|factors| × ranks × alpha scale × strength) within float32, and that
+    bound × in_features (how far the delta can move one output per unit of input) within ``_ACTIVATION_MAX``.
     Never raises."""
     problem = strength_problem(strength_patch, "strength") or strength_problem(strength_model, "strength_model")
     if problem:
@@ -199,6 +203,7 @@ def _structure_and_values(adapter, strength, scan_values) -> str | None:
         tensors = [(f"'{kind}' tensor", t) for t in payload if isinstance(t, torch.Tensor)]
         _need(tensors, f"'{kind}' patch holds no tensor")
         bound = (lambda m: m(tensors[0][1])) if kind == "diff" else None
+        width = math.prod(tensors[0][1].shape[1:])
     else:
         name = getattr(adapter, "name", type(adapter).__name__)
         weights = getattr(adapter, "weights", None)
@@ -210,12 +215,11 @@ def _structure_and_values(adapter, strength, scan_values) -> str | None:
             _alpha_problem(weights[2])
         shape_fn = _SHAPES.get(name)
         bound = None if shape_fn is None else (lambda m: shape_fn(weights, m)[1])
-        if bound is not None:
-            bound(lambda t: 0.0)  # shapes compose (raises _Malformed)
-    return _values_problem(tensors, bound, strength) if scan_values else None
+        width = None if shape_fn is None else shape_fn(weights, lambda t: 0.0)[0][1]  # shapes compose (or _Malformed)
+    return _values_problem(tensors, bound, strength, width) if scan_values else None
 
 
-def _values_problem(tensors, bound, strength) -> str | None:
+def _values_problem(tensors, bound, strength, width) -> str | None:
     amax = {}
     for label, t in tensors:
         amax[id(t)] = m = _amax(t)
@@ -227,6 +231,10 @@ def _values_problem(tensors, bound, strength) -> str | None:
     if not reach <= _F32_MAX:
         return (f"the delta can reach {reach:.3g} (|factors| × ranks × alpha scale × strength), more than "
                 f"float32 holds ({_F32_MAX:.3g})")
+    if not reach * width <= _ACTIVATION_MAX:
+        return (f"the delta can move an output by {reach * width:.3g} per unit of input (|factors| × ranks × "
+                f"alpha scale × strength × in_features {width}), more than an activation whose square float32 "
+                f"holds ({_ACTIVATION_MAX:.3g}): the model's output would turn NaN / Inf")
     return None
 
 

@@ -2,18 +2,56 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import signal
 import sys
+import traceback
 
 from comfy.quant.errors import QuantFileError
 
-EXIT_STATUS = ("exit status: 0 success; 1 inspect found problems, lora-check found keys that did not map or "
-               "patches that were refused, install-comfyui --check found it not current; 2 a usage or input error "
-               "(one line on stderr: error: <file>: <what>); 3 an internal error (a bug; one line); 130 interrupted. "
-               "-v shows the traceback of errors.")
+EXIT_STATUS = ("exit status: 0 success; 1 demo: a check failed, inspect found problems, lora-check found keys "
+               "that did not map or patches that were refused, install-comfyui --check found it not current "
+               "(4: the patch is gone, 5: it does not apply); 2 a usage or input error "
+               "(one line on stderr: error: <file>: <what>); 3 an internal error (a bug; one line); 130 interrupted "
+               "(^C), 143 terminated (SIGTERM), 129 hung up (SIGHUP): no output or temporary file is left. "
+               "-v (before or after the command) also shows the traceback of errors, with the same exit status.")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command is, so its cleanup runs as for ^C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, _frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_as_exceptions():
+    """SIGTERM and SIGHUP raise ``Terminated`` while the command runs (the previous handlers come back)."""
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    try:
+        previous = {n: signal.signal(getattr(signal, n), _raise_terminated) for n in names}
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = {}
+    try:
+        yield
+    finally:
+        for n, handler in previous.items():
+            signal.signal(getattr(signal, n), handler)
 
 
 def _demo(args):
+    if args.comfyui:
+        print("error: demo runs on this repository's embedded host only (it drives the host's own nodes); in a "
+              "ComfyUI, load its int4 file with UNETLoader, and check a LoRA with lora-check --comfyui PATH",
+              file=sys.stderr)
+        return 2
     from comfy.quant_tools.demo import DemoConfig, run_demo
 
     loggers = [logging.getLogger(name) for name in ("comfy.quant", "comfy.quant_tools")]
@@ -21,11 +59,13 @@ def _demo(args):
     for lg in loggers:
         lg.setLevel(logging.INFO)  # each step announced as it starts, on stderr
     try:
-        print(run_demo(args.workdir, DemoConfig(rank=args.rank, seed=args.seed), lora_path=args.lora,
-                       strength=args.strength))
+        report, passed = run_demo(args.workdir, DemoConfig(rank=args.rank, seed=args.seed), lora_path=args.lora,
+                                  strength=args.strength)
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+    print(report)
+    return 0 if passed else 1
 
 
 def _quantize(args):
@@ -45,13 +85,30 @@ def _inspect(args):
     return 1 if report.problems else 0
 
 
+def _in_comfyui(args, argv: list[str]) -> int:
+    """The command again, in a subprocess whose ``comfy`` is the installed ComfyUI at ``args.comfyui``."""
+    from comfy.quant_tools.comfyui_host import HostError, run
+
+    try:
+        return run(args.comfyui, argv + (["-v"] if args.verbose else []))
+    except HostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def _lora_check(args):
+    if args.comfyui:
+        return _in_comfyui(args, ["lora-check", os.path.abspath(args.model), os.path.abspath(args.lora)])
     import comfy.sd
     import comfy.utils
     from comfy.quant_tools.lora_check import lora_check
 
+    lora = comfy.utils.load_torch_file(args.lora)
+    if not lora:
+        raise QuantFileError("holds no tensors: not a LoRA (expected lora_up/lora_down, lora_A/lora_B, LoHa or "
+                             "LoKr tensors)", file=args.lora, expected="LoRA tensors", got="none")
     patcher = comfy.sd.load_diffusion_model(args.model)
-    rows, unmatched = lora_check(patcher, comfy.utils.load_torch_file(args.lora))
+    rows, unmatched = lora_check(patcher, lora)
     width = max([len(r[0]) for r in rows] + [10])
     for prefix, target, how in rows:
         print(f"{prefix:{width}}  ->  {target}  [{how}]")
@@ -72,14 +129,14 @@ def _convert_nunchaku(args):
 def _install_comfyui(args):
     import sys
 
-    from comfy.quant_tools.install import DEFAULT_PATCH, InstallError, check, install, uninstall
+    from comfy.quant_tools.install import InstallError, check, install, uninstall
 
-    patch = args.patch or DEFAULT_PATCH
+    patch = args.patch
     try:
         if args.check:
             status = check(args.path, patch)
             print(status.line())
-            return 0 if status.current else 1
+            return status.exit_code
         print((uninstall if args.uninstall else install)(args.path, patch).line())
         return 0
     except (InstallError, OSError) as e:  # one line, no traceback
@@ -171,7 +228,15 @@ ITERS = _checked(int, lambda v: v >= 1, "an integer >= 1")
 
 
 def _command(sub, name: str, **kwargs):
-    return sub.add_parser(name, formatter_class=_Help, **kwargs)
+    p = sub.add_parser(name, formatter_class=_Help, **kwargs)
+    _add_verbose(p, argparse.SUPPRESS)  # -v after the command as well; SUPPRESS keeps a -v given before it
+    return p
+
+
+def _add_verbose(parser, default) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log at INFO level; on an error, also show its traceback (the exit status stays)"
+                             + (" (default: off)" if default == argparse.SUPPRESS else ""))
 
 
 def _add_demo(sub):
@@ -182,6 +247,9 @@ def _add_demo(sub):
     p.add_argument("--lora", help="a LoRA file to use instead of the built-in one (default: a synthetic "
                                   "LoRA on every block, written to the workdir)")
     p.add_argument("--strength", type=STRENGTH, default=1.0, help="LoRA strength, as LoraLoader's (within ±100)")
+    p.add_argument("--comfyui", metavar="PATH", help="not supported: the demo runs on this repository's embedded "
+                                                      "host only (says so in one line, exit 2) (default: the "
+                                                      "embedded host)")
     p.set_defaults(func=_demo)
 
 
@@ -210,6 +278,9 @@ def _add_inspect_and_lora_check(sub):
     p = _command(sub, "lora-check", help="how a LoRA's keys map onto a model and how each applies")
     p.add_argument("model", help="a diffusion model .safetensors (int4, Nunchaku or float)")
     p.add_argument("lora", help="a LoRA .safetensors")
+    p.add_argument("--comfyui", metavar="PATH", help="run it with the installed ComfyUI at PATH (its comfy.sd "
+                                                      "loader and comfy.lora key maps) instead of this repository's "
+                                                      "embedded host (default: the embedded host)")
     p.set_defaults(func=_lora_check)
 
 
@@ -226,15 +297,19 @@ def _add_install_comfyui(sub):
     p = _command(
         sub, "install-comfyui", help="install this package into a ComfyUI checkout (copy comfy/quant, apply the core patch)",
         description="Copy comfy/quant into PATH/comfy/quant and apply comfy/quant_tools/upstream/comfyui.patch to PATH "
-                    "with git apply, both or neither. Running it again is a no-op; refusals leave PATH unchanged. "
-                    "Exit 0 on success, 2 on a refusal or error.")
+                    "with git apply (in a git checkout, a 3-way merge where only context moved), both or neither. "
+                    "Running it again is a no-op; refusals leave PATH unchanged. After ComfyUI's updater stashed the "
+                    "patch, running it again puts it back. Exit 0 on success, 2 on a refusal or error.")
     p.add_argument("path", help="the ComfyUI checkout: the folder holding nodes.py and comfy/")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true",
-                      help="change nothing; print the state; exit 0 if installed and current, else 1")
+                      help="change nothing; print the state in one line; exit 0 if installed and current, 1 if "
+                           "install would make it so, 4 if the patch is gone but the package is there (ComfyUI's "
+                           "updater stashes local changes: install again), 5 if the patch does not apply")
     mode.add_argument("--uninstall", action="store_true",
                       help="reverse the patch and remove PATH/comfy/quant (refused if the patched files were edited)")
-    p.add_argument("--patch", help="the patch to apply (default: comfy/quant_tools/upstream/comfyui.patch of this package)")
+    p.add_argument("--patch", help="the patch to apply (default: comfy/quant_tools/upstream/comfyui*.patch, the first "
+                                   "that applies, else merges 3-way in a git checkout)")
     p.set_defaults(func=_install_comfyui)
 
 
@@ -259,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m comfy.quant",
                      description="int4 (SVDQuant W4A4, AWQ W4A16) tools for Qwen-Image, Z-Image and Flux.1.",
                      epilog=EXIT_STATUS, formatter_class=_Help)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; on an error, show its traceback")
+    _add_verbose(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_quantize, _add_inspect_and_lora_check, _add_convert_nunchaku, _add_install_comfyui,
                 _add_bench):
@@ -274,23 +349,25 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with _signals_as_exceptions():
+            return int(args.func(args) or 0)
+    except Terminated as e:
+        return _failed(args, f"terminated ({e.args[0]})", 128 + e.signum)
     except KeyboardInterrupt:
-        if args.verbose:
-            raise
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except (QuantFileError, OSError) as e:  # a user's input problem: one line; -v shows the traceback
-        if args.verbose:
-            raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return _failed(args, "interrupted", 130)
+    except (QuantFileError, OSError) as e:  # a user's input problem: one line
+        return _failed(args, _one_line(e), 2)
     except Exception as e:  # a bug: still one line, never a traceback without -v
-        if args.verbose:
-            raise
-        print(f"error: internal error: {type(e).__name__}: {' '.join(str(e).split())} (run with -v for the "
-              "traceback)", file=sys.stderr)
-        return 3
+        return _failed(args, f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"
+                       + ("" if args.verbose else " (run with -v for the traceback)"), 3)
+
+
+def _failed(args, line: str, code: int) -> int:
+    """Print ``error: <line>`` on stderr (after the traceback with ``-v``) and return the exit status."""
+    if args.verbose:
+        traceback.print_exc()
+    print(f"error: {line}", file=sys.stderr)
+    return code
 
 
 def _one_line(e: Exception) -> str:

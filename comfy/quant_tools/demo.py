@@ -2,7 +2,20 @@
 
 Everything is made locally (no downloads): a bf16 model with the real architecture (head dim 128,
 RoPE axes 16/56/56) at small width, a calibration pass, the offline quantizer, ``UNETLoader``,
-``LoraLoaderModelOnly``, and a report of size, agreement with bf16, the LoRA's effect and timings.
+``LoraLoaderModelOnly``, and a report of size, timings and the checks below, each PASS or FAIL.
+
+The checks and their thresholds:
+
+* int4 agrees with bf16: cosine similarity of the model outputs >= ``MIN_COSINE`` (0.95). A W4A4 linear
+  rounds its weight residual and its input to 15 levels per group of 64; for Gaussian-like values the group
+  absmax is about 2.5 rms, so each operand carries a relative rms error near 2.5 / (7·√12) ≈ 10 %, about
+  14 % for the two together. If each of the demo's 4 blocks adds at most that much to the output,
+  independently, the output's relative error stays below √4 · 14 % = 28 %, a cosine of at least
+  1 − 0.28²/2 ≈ 0.96; 0.95 leaves room for other seeds (the default seed gives 0.98).
+* int4 with the LoRA agrees with bf16 with the LoRA: the same threshold by the same reasoning (the LoRA
+  itself is applied unquantized, so it adds no error of its own). The report also says how much the LoRA
+  changes each model's output, so its effect can be compared with the int4 error.
+* Removing the LoRA restores the int4 model's output bit for bit (no threshold: equal or not).
 """
 from __future__ import annotations
 
@@ -14,9 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
+from comfy.quant.errors import LoraError, OutputFileError
 from comfy.quant_tools.quantizer import QuantizeOptions, quantize_file, record_activation_stats
 
 logger = logging.getLogger(__name__)
+
+MIN_COSINE = 0.95  # see the module docstring for how it is derived
 
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "img_mlp.net.0.proj",
                 "img_mlp.net.2", "img_mod.1", "txt_mod.1")
@@ -106,14 +122,57 @@ def _run(patcher, inputs):
     return out.float().cpu()
 
 
-def run_demo(workdir="output/demo", cfg=DemoConfig(), lora_path=None, strength=1.0) -> str:
-    import comfy.nodes
-    import comfy.ops
+def _timed_run(patcher, inputs) -> tuple[torch.Tensor, float]:
+    """(output, seconds of the second of two forwards: the first pays one-time setup)."""
+    _run(patcher, inputs)
+    t0 = time.perf_counter()
+    y = _run(patcher, inputs)
+    return y, time.perf_counter() - t0
+
+
+def _save(sd, path) -> None:
+    """``save_torch_file``, then the permissions an ordinary file save gives (0666 less the umask;
+    safetensors' writer makes its files 0600)."""
     import comfy.utils
-    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
-    from comfy.quant_tools.inspect_file import inspect_checkpoint
+
+    comfy.utils.save_torch_file(sd, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _check_workdir(workdir) -> None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise OutputFileError("demo: --workdir is a file; give a folder (it is made when missing)", file=workdir)
+
+
+def check_lora(patcher, lora_path) -> None:
+    """``LoraError`` naming ``lora_path`` when it holds no tensors or none of its keys maps onto the demo
+    model (a LoRA for another model, or a model file); run before the demo's work, without logging every key."""
+    import comfy.utils
+    from comfy.quant_tools.lora_check import lora_check
+
+    lora = comfy.utils.load_torch_file(lora_path)
+    if not lora:
+        raise LoraError("holds no tensors: not a LoRA", file=lora_path, expected="LoRA tensors", got="none")
+    rows, unmapped = lora_check(patcher, lora)
+    if not rows:
+        shown = ", ".join(list(lora)[:3])
+        raise LoraError(f"none of its {len(lora)} keys maps onto a layer of the demo's Qwen-Image model (first "
+                        f"keys: {shown}); is it a LoRA for Qwen-Image (or a model file)?", file=lora_path,
+                        expected="LoRA keys for Qwen-Image layers", got=f"{len(unmapped)} keys that map to no layer")
+
+
+def _verdict(name: str, ok: bool, detail: str) -> tuple[bool, str]:
+    return ok, f"  [{'PASS' if ok else 'FAIL'}] {name}: {detail}"
+
+
+def run_demo(workdir="output/demo", cfg=DemoConfig(), lora_path=None, strength=1.0) -> tuple[str, bool]:
+    """(report, whether every check passed) of the demo, its files written to ``workdir``."""
+    import comfy.nodes
 
     t_start = time.perf_counter()
+    _check_workdir(workdir)
     torch.manual_seed(cfg.seed)
     os.makedirs(workdir, exist_ok=True)
     bf16_path = os.path.join(workdir, "qwen_image_demo_bf16.safetensors")
@@ -124,10 +183,59 @@ def run_demo(workdir="output/demo", cfg=DemoConfig(), lora_path=None, strength=1
 
     logger.info("building a seeded bf16 Qwen-Image model (%d blocks) -> %s", cfg.num_layers, bf16_path)
     sd = synthetic_state_dict(cfg)
-    comfy.utils.save_torch_file(sd, bf16_path)
-    inputs = demo_inputs(cfg)
+    _save(sd, bf16_path)
+    loader = comfy.nodes.UNETLoader()
+    bf16 = loader.load_unet(bf16_path)[0]
+    if lora_path is not None:
+        logger.info("checking the LoRA %s against the model", lora_path)
+        check_lora(bf16, lora_path)
+    counts, report, t_quant = _quantize(sd, cfg, bf16_path, int4_path)
 
-    # calibration: input absmax of every quantizable linear over a few seeded inputs
+    logger.info("loading the int4 model with UNETLoader")
+    t0 = time.perf_counter()
+    int4 = loader.load_unet(int4_path)[0]
+    t_load = time.perf_counter() - t0
+
+    inputs = demo_inputs(cfg)
+    logger.info("running the int4 and the bf16 model on %s (twice each: the second is timed)", int4.load_device)
+    y_int4, t_int4 = _timed_run(int4, inputs)
+    y_bf16, t_bf16 = _timed_run(bf16, inputs)
+    cos, psnr = agreement(y_int4, y_bf16)
+    total_bytes = report.quantized_bytes + report.float_bytes
+    lines += [
+        f"layers: {counts['svdquant_w4a4']} svdquant_w4a4, {counts['awq_w4a16']} awq_w4a16, "
+        f"{report.float_tensors} float tensors kept",
+        f"weight bytes: int4 file {total_bytes:,} vs bf16 {report.bf16_equivalent_bytes:,} "
+        f"({total_bytes / report.bf16_equivalent_bytes:.2f}x); quantized layers alone "
+        f"{report.quantized_bytes / (report.bf16_equivalent_bytes - report.float_bytes):.2f}x",
+        f"time: quantize {t_quant:.2f}s, load {t_load:.2f}s; one forward: int4 {t_int4:.2f}s, bf16 {t_bf16:.2f}s "
+        f"({int4.model.diffusion_model.dtype or torch.float32} compute on {int4.load_device}{_speed_note(int4)})",
+    ]
+    checks = [_verdict("int4 agrees with bf16", cos >= MIN_COSINE,
+                       f"output cosine {cos:.5f} (needs >= {MIN_COSINE}), PSNR {psnr:.1f} dB")]
+    lora_lines, lora_checks, lora_path = _lora_section(workdir, sd, cfg, int4, bf16, inputs, y_int4, y_bf16,
+                                                       lora_path, strength)
+    lines += lora_lines
+    checks += lora_checks
+    passed = all(ok for ok, _ in checks)
+    lines.append(f"checks ({'all passed' if passed else 'FAILED'}; thresholds derived in comfy/quant_tools/demo.py):")
+    lines += [line for _, line in checks]
+    lines.append(f"files: {bf16_path}, {int4_path}, {lora_path}; total {time.perf_counter() - t_start:.1f}s")
+    return "\n".join(lines), passed
+
+
+def _speed_note(patcher) -> str:
+    if patcher.load_device.type == "cuda":
+        return ""
+    return "; on the CPU int4 runs a reference path with no int4 kernels, so it is not faster: speed needs a GPU"
+
+
+def _quantize(sd, cfg, bf16_path, int4_path):
+    """Calibrate, quantize and validate: (layer counts, inspect report, quantize seconds)."""
+    import comfy.ops
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+    from comfy.quant_tools.inspect_file import inspect_checkpoint
+
     logger.info("calibrating: input absmax of every quantizable linear over 2 seeded inputs (fp32 model)")
     ref_model = QwenImageTransformer2DModel(**model_kwargs(cfg), operations=comfy.ops.disable_weight_init,
                                             dtype=torch.float32)
@@ -144,44 +252,16 @@ def run_demo(workdir="output/demo", cfg=DemoConfig(), lora_path=None, strength=1
     report = inspect_checkpoint(int4_path)
     if report.problems:
         raise RuntimeError(f"quantized file fails validation: {report.problems}")
-
-    logger.info("loading the int4 and the bf16 model with UNETLoader")
-    loader = comfy.nodes.UNETLoader()
-    t0 = time.perf_counter()
-    int4 = loader.load_unet(int4_path)[0]
-    t_load = time.perf_counter() - t0
-    bf16 = loader.load_unet(bf16_path)[0]
-
-    logger.info("running the int4 model (twice: the second is timed) and the bf16 one on %s", int4.load_device)
-    y_int4 = _run(int4, inputs)
-    t0 = time.perf_counter()
-    y_int4 = _run(int4, inputs)  # second call: timed without first-call setup
-    t_fwd = time.perf_counter() - t0
-    y_bf16 = _run(bf16, inputs)
-    cos, psnr = agreement(y_int4, y_bf16)
-    total_bytes = report.quantized_bytes + report.float_bytes
-    lines += [
-        f"layers: {counts['svdquant_w4a4']} svdquant_w4a4, {counts['awq_w4a16']} awq_w4a16, "
-        f"{report.float_tensors} float tensors kept",
-        f"weight bytes: int4 file {total_bytes:,} vs bf16 {report.bf16_equivalent_bytes:,} "
-        f"({total_bytes / report.bf16_equivalent_bytes:.2f}x); quantized layers alone "
-        f"{report.quantized_bytes / (report.bf16_equivalent_bytes - report.float_bytes):.2f}x",
-        f"int4 vs bf16 model output: cosine {cos:.5f}, PSNR {psnr:.1f} dB",
-        f"time: quantize {t_quant:.2f}s, load {t_load:.2f}s, int4 forward {t_fwd:.2f}s "
-        f"({int4.model.diffusion_model.dtype or torch.float32} compute on {int4.load_device})",
-    ]
-    lines += _lora_section(workdir, sd, cfg, int4, bf16, inputs, y_int4, y_bf16, lora_path, strength)
-    lines.append(f"files: {bf16_path}, {int4_path}; total {time.perf_counter() - t_start:.1f}s")
-    return "\n".join(lines)
+    return counts, report, t_quant
 
 
 def _lora_section(workdir, sd, cfg, int4, bf16, inputs, y_int4, y_bf16, lora_path, strength):
+    """(report lines, checks, the LoRA file) of the LoRA part: the built-in LoRA unless ``lora_path``."""
     import comfy.nodes
-    import comfy.utils
 
     if lora_path is None:
         lora_path = os.path.join(workdir, "qwen_image_demo_lora.safetensors")
-        comfy.utils.save_torch_file(synthetic_lora(sd, cfg), lora_path)
+        _save(synthetic_lora(sd, cfg), lora_path)
     logger.info("LoRA: loading %s at strength %s onto both models (LoraLoaderModelOnly)", lora_path, strength)
     node = comfy.nodes.LoraLoaderModelOnly()
     t0 = time.perf_counter()
@@ -203,15 +283,19 @@ def _lora_section(workdir, sd, cfg, int4, bf16, inputs, y_int4, y_bf16, lora_pat
     y_bf16_lora = _run(bf16_lora, inputs)
     bf16_lora.unpatch_model()
 
-    effect = float((y_bf16_lora - y_bf16).norm() / y_bf16.norm())
+    effect_bf16 = float((y_bf16_lora - y_bf16).norm() / y_bf16.norm())
+    effect_int4 = float((y_int4_lora - y_int4).norm() / y_int4.norm())
     cos, psnr = agreement(y_int4_lora, y_bf16_lora)
-    d_cos, _ = agreement(y_int4_lora - y_int4, y_bf16_lora - y_bf16)
     restored = torch.equal(y_int4_after, y_int4)
-    return [
-        f"LoRA {os.path.basename(lora_path)} at strength {strength}: {len(int4_lora.patches)} layers patched "
-        f"(LoRA changes the bf16 output by {effect:.1%} relative)",
-        f"int4+LoRA vs bf16 with LoRA merged: cosine {cos:.5f}, PSNR {psnr:.1f} dB; "
-        f"LoRA effect direction agreement (cosine of deltas) {d_cos:.5f}",
-        f"LoRA removed: base int4 output restored bit-exact: {'yes' if restored else 'NO'}",
+    lines = [
+        f"LoRA {os.path.basename(lora_path)} at strength {strength}: {len(int4_lora.patches)} layers patched; "
+        f"it changes the output by {effect_int4:.1%} on int4, {effect_bf16:.1%} on bf16",
         f"LoRA time: read+map {t_attach * 1e3:.1f} ms, patch {t_patch * 1e3:.1f} ms, unpatch {t_unpatch * 1e3:.1f} ms",
     ]
+    checks = [
+        _verdict("int4 with the LoRA agrees with bf16 with the LoRA", cos >= MIN_COSINE,
+                 f"output cosine {cos:.5f} (needs >= {MIN_COSINE}), PSNR {psnr:.1f} dB"),
+        _verdict("removing the LoRA restores the int4 model", restored,
+                 "output bit-exact to before the LoRA" if restored else "output differs from before the LoRA"),
+    ]
+    return lines, checks, lora_path

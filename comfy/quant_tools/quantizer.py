@@ -40,6 +40,7 @@ import torch
 from comfy.quant import architectures as archs
 from comfy.quant.errors import QuantFileError, QuantizeInputError
 from comfy.quant.formats import decode_config, encode_config, quantization_header
+from comfy.quant.formats.base import nonfinite_summary
 from comfy.quant.formats.svdquant_w4a4 import GROUP_SIZE, UNSIGNED_SHIFT
 from comfy.quant.packing import pack_int4
 from comfy.quant_tools.safetensors_stream import check_output, entry_bound, streaming_file
@@ -328,11 +329,36 @@ def _header_bound(units, passthrough, get_shape, metadata) -> int:
     return total + sum(entry_bound(k, len(get_shape(k))) for k in passthrough)
 
 
+def w4a4_bytes(n: int, k: int, rank: int) -> int:
+    """Bytes of one (n, k) W4A4 layer's tensors with bf16 side tensors, bias left out: packed codes, one
+    scale per (row, 64-group), proj_up (n, rank), proj_down (k, rank) and smooth_factor (k)."""
+    return n * k // 2 + 2 * (n * (k // GROUP_SIZE) + rank * (n + k) + k)
+
+
+def max_useful_rank(n: int, k: int) -> int:
+    """The largest rank at which an (n, k) W4A4 layer is no larger than its bf16 weight (2·n·k bytes); a
+    higher rank makes the int4 layer bigger than what it replaces (and rank > min(n, k) adds nothing)."""
+    return max(0, min(n, k, (2 * n * k - w4a4_bytes(n, k, 0)) // (2 * (n + k))))
+
+
+def check_rank(units, shape_of, rank: int) -> None:
+    """``QuantizeInputError`` when ``rank`` exceeds ``max_useful_rank`` of a W4A4 layer, naming the
+    layer with the lowest limit."""
+    limits = [(max_useful_rank(*shape_of(f"{p}.weight")), p) for u in units if u.kind == "svdquant" for p in u.paths]
+    if not limits or rank <= min(limits)[0]:
+        return
+    limit, path = min(limits)
+    n, k = shape_of(f"{path}.weight")
+    raise QuantizeInputError(f"rank {rank} is more than layer '{path}' ({n}x{k}) can use: at most rank {limit} "
+                             f"for this model (a higher rank makes the int4 layer larger than its bf16 weight)",
+                             layer=path, expected=f"rank <= {limit}", got=rank)
+
+
 def check_quantizable(keys, metadata, dtype_of, shape_of, options=QuantizeOptions()):
     """``plan_units(keys)`` of a file's header, or ``QuantizeInputError`` when quantize cannot use the file:
     a Nunchaku or already-quantized checkpoint, not a supported architecture (Qwen-Image, Z-Image, Flux),
-    or linears that are not float or not shaped for int4. ``dtype_of`` / ``shape_of`` read one tensor's
-    header entry."""
+    linears that are not float or not shaped for int4, or a rank a layer cannot use (``check_rank``).
+    ``dtype_of`` / ``shape_of`` read one tensor's header entry."""
     keys = list(keys)
     _check_not_quantized(keys, metadata or {})
     arch = _check_architecture(keys)
@@ -340,6 +366,7 @@ def check_quantizable(keys, metadata, dtype_of, shape_of, options=QuantizeOption
     present = set(keys)
     for unit in units:
         _check_unit(unit, present, dtype_of, shape_of, options)
+    check_rank(units, lambda k: tuple(shape_of(k)), options.rank)
     return units, passthrough
 
 
@@ -469,6 +496,18 @@ def check_calibration(calibration, units, shape_of) -> None:
                                      f"[{widths[key]}], got {got}", tensor=key, expected=[widths[key]], got=got)
 
 
+def check_finite_inputs(f, keys) -> None:
+    """``QuantizeInputError`` naming the first float tensor among ``keys`` (read one at a time from the
+    open file ``f``) that holds NaN or Inf: the SVD would fail on it (or the int4 file would carry it)."""
+    for key in keys:
+        if f.get_slice(key).get_dtype() not in FLOAT_DTYPES:
+            continue
+        got = nonfinite_summary(f.get_tensor(key))
+        if got:
+            raise QuantizeInputError(f"tensor '{key}': expected finite values, got {got}; nothing was written",
+                                     tensor=key, expected="finite values", got=got)
+
+
 def quantize_file(in_path, out_path, options=QuantizeOptions(), calibration=None, progress=True,
                   overwrite: bool = False):
     """Stream a safetensors file layer by layer into an int4 checkpoint; returns layer counts by format.
@@ -476,8 +515,10 @@ def quantize_file(in_path, out_path, options=QuantizeOptions(), calibration=None
     Memory holds one layer (or one q/k/v group) at a time: inputs are read with ``safe_open`` and
     outputs written as they are made. Before any work it refuses (``QuantFileError``) an output it must
     not write (the input, a directory, a missing folder, an existing file unless ``overwrite``), an
-    unreadable input, an input quantize cannot use (``check_quantizable``) and a calibration (a dict,
-    or a safetensors path) that does not fit it. On any failure no output (and no ``.partial``) is left.
+    unreadable input, an input quantize cannot use (``check_quantizable``), a calibration (a dict,
+    or a safetensors path) that does not fit it, and a float tensor holding NaN / Inf (``check_finite_inputs``:
+    a pass over the float tensors before the first layer is quantized, one tensor in memory at a time). On
+    any failure no output (and no temporary file) is left.
     """
     check_output(in_path, out_path, "quantize", overwrite=overwrite)
     calibration, calibration_file = read_calibration(calibration)
@@ -490,6 +531,7 @@ def quantize_file(in_path, out_path, options=QuantizeOptions(), calibration=None
         try:
             units, passthrough = check_quantizable(keys, metadata, lambda k: f.get_slice(k).get_dtype(), shape_of,
                                                    options)
+            check_finite_inputs(f, keys)
         except QuantFileError as e:
             e.with_file(in_path)
             raise

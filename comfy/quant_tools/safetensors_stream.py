@@ -1,8 +1,9 @@
 """Write a safetensors file tensor by tensor, so converting a 20B-parameter model never holds it whole.
 
 The header goes last, into a region reserved up front (an upper bound of its size) and padded with
-spaces, which the safetensors format allows. ``streaming_file`` writes to ``<path>.partial`` and
-renames it only on success, so a failure leaves no output behind.
+spaces, which the safetensors format allows. ``streaming_file`` writes to ``<path>.<random>.partial``
+(a new name each run, so a stale one is never reused) and renames it only on success, so a failure
+leaves no output behind.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import ctypes
 import json
 import math
 import os
+import secrets
+import stat
 import struct
 
 import torch
@@ -35,12 +38,12 @@ class StreamingSafetensorsWriter:
     with spaces, which the safetensors format allows.
     """
 
-    def __init__(self, path: str, header_reserve: int):
+    def __init__(self, path: str, header_reserve: int, f=None):
         self.path = path
         self.reserve = int(math.ceil(header_reserve / 8) * 8)
         self.entries: dict = {}
         self.offset = 0
-        self.f = open(path, "wb")
+        self.f = open(path, "wb") if f is None else f
         self.f.seek(8 + self.reserve)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -80,10 +83,12 @@ def entry_bound(name: str, ndim: int) -> int:
 def check_output(in_path, out_path, what: str, overwrite: bool = False) -> None:
     """Raise ``OutputFileError`` when ``out_path`` must not be written; call it before any work.
 
-    Refused: the input itself (resolved paths: symlinks to the file or a directory above it, ``..``,
-    relative spellings; and ``os.path.samefile`` for hard links and case-insensitive file systems), a
-    directory, a folder that does not exist, and an existing file unless ``overwrite``. The writer renames
-    ``<out>.partial`` onto ``out_path`` at the end, which would replace the input if both named one file.
+    ``what`` is the command (``quantize``, ``convert-nunchaku``). Refused: the input itself (resolved
+    paths: symlinks to the file or a directory above it, ``..``, relative spellings; and
+    ``os.path.samefile`` for hard links and case-insensitive file systems), a directory, a folder that
+    does not exist, a symbolic link, anything else that is not a regular file (a device, a FIFO, a
+    socket; even with ``overwrite``), and an existing file unless ``overwrite``. The writer renames its
+    temporary file onto ``out_path`` at the end, which would replace whatever is there.
     """
     same = os.path.realpath(in_path) == os.path.realpath(out_path)
     if not same and os.path.exists(out_path):
@@ -94,8 +99,14 @@ def check_output(in_path, out_path, what: str, overwrite: bool = False) -> None:
     if same:
         raise OutputFileError(f"{what}: output is the same file as the input '{in_path}'; refusing to overwrite "
                               "the input (choose another output path)", file=out_path)
+    if os.path.islink(out_path):
+        raise OutputFileError(f"{what}: output is a symbolic link (to '{os.readlink(out_path)}'); refusing to "
+                              "replace it (give the path of the file itself)", file=out_path)
     if os.path.isdir(out_path):
         raise OutputFileError(f"{what}: output is a directory; give a file path", file=out_path)
+    if os.path.exists(out_path) and not stat.S_ISREG(os.stat(out_path).st_mode):
+        raise OutputFileError(f"{what}: output is not a regular file (a device, FIFO or socket); refusing to "
+                              "replace it, even with --force", file=out_path)
     parent = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(parent):
         raise OutputFileError(f"{what}: the output's folder {parent} does not exist", file=out_path)
@@ -103,11 +114,26 @@ def check_output(in_path, out_path, what: str, overwrite: bool = False) -> None:
         raise OutputFileError(f"{what}: output exists; refusing to replace it (--force to overwrite)", file=out_path)
 
 
+def _new_partial(path: str):
+    """``(name, file)``: a new ``<path>.<random>.partial`` opened for writing, created with the mode an
+    ordinary save gives (0666 less the umask); never an existing file, so a stale one is never reused."""
+    while True:
+        tmp = f"{path}.{secrets.token_hex(4)}.partial"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        return tmp, os.fdopen(fd, "wb")
+
+
 @contextlib.contextmanager
 def streaming_file(path: str, header_reserve: int):
-    """Yield a writer for ``path``; the caller must call ``writer.finish(metadata)`` before leaving."""
-    tmp = path + ".partial"
-    writer = StreamingSafetensorsWriter(tmp, header_reserve)
+    """Yield a writer for ``path``; the caller must call ``writer.finish(metadata)`` before leaving.
+
+    The writer writes a new temporary file beside ``path`` (``_new_partial``), renamed onto ``path`` on
+    success and removed on any failure, ``KeyboardInterrupt`` and the CLI's SIGTERM / SIGHUP included."""
+    tmp, f = _new_partial(path)
+    writer = StreamingSafetensorsWriter(tmp, header_reserve, f)
     try:
         yield writer
         if not writer.f.closed:
