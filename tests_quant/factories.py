@@ -42,3 +42,9 @@ def poisoned(t, value, *at):
     for index in at or [(0,) * t.dim()]:
         out[index] = value
     return out
+
+
+def partial_files(folder) -> list[str]:
+    """The writer's temporary files (``<out>.<hex>.partial``) left in ``folder``: none after any run."""
+    import os
+    return sorted(name for name in os.listdir(folder) if name.endswith(".partial"))

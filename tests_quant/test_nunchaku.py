@@ -9,10 +9,12 @@ import os
 
 import pytest
 import torch
+
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import nunchaku_packer as P
+from factories import partial_files
 from comfy.quant import nunchaku as nk
 from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file
 from comfy.quant.packing import pack_int4, unpack_int4
@@ -289,7 +291,7 @@ def test_file_and_memory_paths_identical(fake, tmp_path):
     dst = tmp_path / "tiny-comfy.safetensors"
     save_file(stored, str(src), metadata=meta)
     file_meta = convert_nunchaku_file(str(src), str(dst), progress=False)
-    assert not os.path.exists(str(dst) + ".partial")
+    assert not partial_files(dst.parent)
 
     sd = dict(stored)
     mem_sd, mem_meta = nk.convert_nunchaku_state_dict(sd, meta)
@@ -487,4 +489,4 @@ def test_file_conversion_error_leaves_no_output(tmp_path):
     save_file(sd, str(src), metadata=meta)
     with pytest.raises(ValueError, match=r"txt_mlp\.net\.2.*proj_up.*expected shape \(256, 32\).*got shape \(256, 16\)"):
         convert_nunchaku_file(str(src), str(dst), progress=False)
-    assert not dst.exists() and not os.path.exists(str(dst) + ".partial")
+    assert not dst.exists() and not partial_files(dst.parent)

@@ -17,10 +17,12 @@ import os
 
 import pytest
 import torch
+
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import arch_fixtures as A
+from factories import partial_files
 from comfy.quant import architectures as AR
 from comfy.quant import host
 from comfy.quant import nunchaku as nk
@@ -105,7 +107,7 @@ def test_file_conversion_is_the_same_file(variant, nats, tmp_path):
     src, dst = tmp_path / "svdq-int4_r32-tiny.safetensors", tmp_path / "tiny-native.safetensors"
     save_file(sd, str(src), metadata=meta)
     file_meta = convert_nunchaku_file(str(src), str(dst), progress=False)
-    assert not os.path.exists(str(dst) + ".partial")
+    assert not partial_files(dst.parent)
     mem, mem_meta = nk.convert_nunchaku_state_dict(sd, meta)
     from_file = load_file(str(dst))
     assert set(from_file) == set(mem)
@@ -325,7 +327,7 @@ def test_file_errors_name_the_file(nats, tmp_path):
     with pytest.raises(nk.NunchakuConversionError, match=r"single_transformer_blocks\.1\.out_proj.*'proj_down'") as exc:
         convert_nunchaku_file(str(src), str(dst), progress=False)
     assert str(src) in str(exc.value)
-    assert not dst.exists() and not os.path.exists(str(dst) + ".partial")
+    assert not dst.exists() and not partial_files(dst.parent)
 
 
 def test_value_problems_reports_each_module(nats):

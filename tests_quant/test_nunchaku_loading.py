@@ -35,6 +35,7 @@ from comfy.nodes import LoraLoaderModelOnly, UNETLoader
 from comfy.quant import nunchaku as nk
 from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file
 from comfy.quant_tools.inspect_file import inspect_checkpoint
+from factories import partial_files
 from reference import awq_forward, kernel_tolerance, svdquant_forward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -549,7 +550,7 @@ def test_inspect_and_cli(natural, files):
     run = subprocess.run([sys.executable, "-m", "comfy.quant", "convert-nunchaku", files["nunchaku"], str(out)],
                          cwd=str(REPO), env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert out.exists() and not Path(str(out) + ".partial").exists()
+    assert out.exists() and not partial_files(out.parent)
     a, b = load_file(str(out)), load_file(files["converted"])
     assert sorted(a) == sorted(b) and all(torch.equal(a[key], b[key]) for key in a)
 
