@@ -48,3 +48,19 @@ def partial_files(folder) -> list[str]:
     """The writer's temporary files (``<out>.<hex>.partial``) left in ``folder``: none after any run."""
     import os
     return sorted(name for name in os.listdir(folder) if name.endswith(".partial"))
+
+
+def cli_model_files(d, config) -> dict:
+    """A float Qwen-Image file made from demo ``config``, its int4 file (rank 8) and a Nunchaku file, in ``d``."""
+    import comfy.utils
+    import nunchaku_fixtures as F
+    from comfy.quant_tools.demo import synthetic_state_dict
+    from comfy.quant_tools.quantizer import QuantizeOptions, quantize_file
+
+    sd = synthetic_state_dict(config)
+    comfy.utils.save_torch_file(sd, d / "bf16.safetensors")
+    quantize_file(d / "bf16.safetensors", d / "int4.safetensors", QuantizeOptions(rank=8), progress=False)
+    nk, meta = F.to_nunchaku(F.make_natural(seed=0, num_blocks=1))
+    comfy.utils.save_torch_file(nk, d / "svdq-int4_r32-qwen-image.safetensors", metadata=meta)
+    return {"dir": d, "sd": sd, "float": d / "bf16.safetensors", "int4": d / "int4.safetensors",
+            "nunchaku": d / "svdq-int4_r32-qwen-image.safetensors"}

@@ -15,7 +15,7 @@ import comfy.quant_tools.demo
 import comfy.sd
 import comfy.utils
 import kernel_env
-import nunchaku_fixtures as F
+from factories import cli_model_files
 from comfy.quant import kernels
 from comfy.quant_tools import cli, quantizer
 from comfy.quant_tools.demo import DemoConfig, agreement, demo_inputs, synthetic_state_dict
@@ -107,14 +107,7 @@ TO_Q = "transformer_blocks.0.attn.to_q"
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A float Qwen-Image file, its int4 file (rank 8) and a Nunchaku file, in a folder of their own."""
-    d = tmp_path_factory.mktemp("cli")
-    sd = synthetic_state_dict(TINY)
-    comfy.utils.save_torch_file(sd, d / "bf16.safetensors")
-    quantize_file(d / "bf16.safetensors", d / "int4.safetensors", QuantizeOptions(rank=8), progress=False)
-    nk, meta = F.to_nunchaku(F.make_natural(seed=0, num_blocks=1))
-    comfy.utils.save_torch_file(nk, d / "svdq-int4_r32-qwen-image.safetensors", metadata=meta)
-    return {"dir": d, "sd": sd, "float": d / "bf16.safetensors", "int4": d / "int4.safetensors",
-            "nunchaku": d / "svdq-int4_r32-qwen-image.safetensors"}
+    return cli_model_files(tmp_path_factory.mktemp("cli"), TINY)
 
 
 def _one_error_line(err: str, starts: str) -> str:

@@ -20,13 +20,13 @@ import comfy.sd
 import comfy.utils
 import lora_helpers as H
 from lora_helpers import no_grad  # noqa: F401 (a fixture)
-import nunchaku_fixtures as F
+from factories import cli_model_files
 from comfy.quant.errors import OutputFileError, QuantFileError, QuantizedLayerError
 from comfy.quant_tools import cli, quantizer
-from comfy.quant_tools.demo import DemoConfig, synthetic_state_dict
+from comfy.quant_tools.demo import DemoConfig
 from comfy.quant_tools.inspect_file import inspect_checkpoint
 from comfy.quant_tools.lora_check import lora_check
-from comfy.quant_tools.quantizer import QuantizeOptions, max_useful_rank, quantize_file, w4a4_bytes
+from comfy.quant_tools.quantizer import QuantizeOptions, max_useful_rank, w4a4_bytes
 from comfy.quant_tools.safetensors_stream import check_output
 
 TINY = DemoConfig(num_layers=1, latent_size=8, text_tokens=4)
@@ -35,14 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("hostile_cli")
-    sd = synthetic_state_dict(TINY)
-    comfy.utils.save_torch_file(sd, d / "bf16.safetensors")
-    quantize_file(d / "bf16.safetensors", d / "int4.safetensors", QuantizeOptions(rank=8), progress=False)
-    nk, meta = F.to_nunchaku(F.make_natural(seed=0, num_blocks=1))
-    comfy.utils.save_torch_file(nk, d / "svdq-int4_r32-qwen-image.safetensors", metadata=meta)
-    return {"dir": d, "sd": sd, "float": d / "bf16.safetensors", "int4": d / "int4.safetensors",
-            "nunchaku": d / "svdq-int4_r32-qwen-image.safetensors"}
+    return cli_model_files(tmp_path_factory.mktemp("hostile_cli"), TINY)
 
 
 def _run(capsys, *argv):
@@ -149,7 +142,7 @@ def test_quantize_refuses_a_rank_the_layers_cannot_use(files, tmp_path, capsys, 
     _no_work(monkeypatch)
     code, err = _run(capsys, "quantize", "--rank", "100000", files["float"], tmp_path / "out.safetensors")
     assert code == 2 and len(_error_lines(err)) == 1, err
-    assert f"rank 100000 is more than layer" in err and f"at most rank {limit}" in err, err
+    assert "rank 100000 is more than layer" in err and f"at most rank {limit}" in err, err
     code, err = _run(capsys, "quantize", "--rank", str(limit + 1), files["float"], tmp_path / "out.safetensors")
     assert code == 2 and f"at most rank {limit}" in err
     assert _listing(tmp_path) == []

@@ -30,7 +30,7 @@ import os
 import sys
 import traceback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+import upstream_scenarios as S  # its harness: bootstrap, folders, the scenario runner
 
 
 class _LogCapture(logging.Handler):
@@ -78,26 +78,6 @@ class Run:
         with open(tmp, "w") as f:
             json.dump(self.result, f, indent=1, default=str)
         os.replace(tmp, self.params["result"])
-
-
-def _bootstrap(argv):
-    name, params = argv[1], json.loads(argv[2])
-    sys.argv = [argv[0], *(argv[argv.index("--") + 1:] if "--" in argv else [])]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]  # nothing of ours shadows upstream
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import torch
-    torch.set_num_threads(1)
-    return name, params
-
-
-def _setup_folders(params):
-    import folder_paths
-    for kind in ("diffusion_models", "loras"):
-        folder_paths.add_model_folder_path(kind, os.path.join(params["models_dir"], kind), is_default=True)
-    out = os.path.join(params["workdir"], "output")
-    os.makedirs(out, exist_ok=True)
-    folder_paths.set_output_directory(out)
 
 
 # ---------------------------------------------------------------------------------------- records
@@ -228,7 +208,7 @@ def scenario_ab(run, params):
         import comfy.model_management
         import comfy.sd  # noqa: F401
         import nodes  # noqa: F401
-        _setup_folders(params)
+        S._setup_folders(params)
         rec["device"] = str(comfy.model_management.get_torch_device())
         rec["has_comfy_quant"] = os.path.isdir(os.path.join(os.getcwd(), "comfy", "quant"))
         rec["packages"] = _packages()
@@ -242,13 +222,7 @@ SCENARIOS = {"ab": scenario_ab}
 
 
 def main(argv):
-    name, params = _bootstrap(argv)
-    run = Run(params)
-    try:
-        SCENARIOS[name](run, params)
-    finally:
-        run.write()
-    return 0
+    return S.run_scenario(argv, SCENARIOS, record=Run)
 
 
 if __name__ == "__main__":

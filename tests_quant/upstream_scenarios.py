@@ -664,14 +664,20 @@ SCENARIOS = {"smoke": scenario_smoke, "load": scenario_load, "lora": scenario_lo
              "lora_layers": scenario_lora_layers, "lora_check": scenario_lora_check, "arch_keys": scenario_arch_keys}
 
 
-def main(argv):
-    name, params = _bootstrap(argv)
-    rec = Record(params)
+def run_scenario(argv, scenarios, bootstrap=None, record=None):
+    """Run ``scenarios[name]`` from ``argv`` (``SCRIPT NAME PARAMS_JSON -- upstream args``) and always write
+    its record; other scenario files (A/B, workflow) run through this too."""
+    name, params = (bootstrap or _bootstrap)(argv)
+    rec = (record or Record)(params)
     try:
-        SCENARIOS[name](rec, params)
+        scenarios[name](rec, params)
     finally:
         rec.write()
     return 0
+
+
+def main(argv):
+    return run_scenario(argv, SCENARIOS)
 
 
 if __name__ == "__main__":

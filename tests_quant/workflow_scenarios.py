@@ -124,13 +124,7 @@ SCENARIOS = {"executor": scenario_executor}
 
 
 def main(argv):
-    name, params = S._bootstrap(argv)
-    rec = S.Record(params)
-    try:
-        SCENARIOS[name](rec, params)
-    finally:
-        rec.write()
-    return 0
+    return S.run_scenario(argv, SCENARIOS)
 
 
 if __name__ == "__main__":

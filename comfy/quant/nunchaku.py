@@ -97,7 +97,6 @@ __all__ = [
     "check_convertible",
     "value_problems",
     "convert_nunchaku_state_dict",
-    "convert_nunchaku_file",
 ]
 
 W4A4_GROUP_SIZE = 64
