@@ -28,7 +28,7 @@ def open_checked(path, device: str = "cpu"):
     are ``UnreadableFileError`` naming ``path``; errors raised inside the block pass through unchanged."""
     try:
         handle = safetensors.safe_open(str(path), framework="pt", device=str(device))
-    except Exception as e:
+    except (safetensors.SafetensorError, OSError, ValueError, KeyError, struct.error) as e:
         raise_if_unreadable(path, e)
         raise
     with handle as f:

@@ -20,7 +20,7 @@ unavailable_reason = None
 try:
     import comfy_kitchen as ck
     import comfy_kitchen.tensor as kitchen_tensor
-except Exception as e:  # any failure (missing wheel, missing 'packaging', broken extension) disables int4
+except (ImportError, OSError, RuntimeError) as e:  # missing wheel, missing 'packaging', broken extension: no int4
     ck = None
     kitchen_tensor = None
     unavailable_reason = f"{type(e).__name__}: {e}"

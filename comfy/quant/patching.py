@@ -183,7 +183,8 @@ def adapter_problem(adapter, strength_patch=1.0, strength_model=1.0, scan_values
         return _structure_and_values(adapter, float(strength_patch), scan_values)
     except _Malformed as e:
         return str(e)
-    except Exception as e:  # whatever else a malformed adapter raises is reported, never raised
+    except (ArithmeticError, AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as e:
+        # what torch and the adapters raise on malformed factors is reported, never raised
         return f"malformed patch: {type(e).__name__}: {e}"
 
 
@@ -472,7 +473,7 @@ def patch_weight(model, key, patches, backup, device_to=None) -> None:
         members.append((m, deltas_of(patches.get(k, ()), m.weight)))
     try:
         fmt.apply_deltas(members)
-    except Exception:
+    except BaseException:  # nothing is left half-patched, whatever stopped it (^C included); re-raised
         for k, m in group:
             m.weight = bases[k]
         raise

@@ -91,7 +91,7 @@ def _load(name: str):
         return None
     try:
         mod = importlib.import_module(f"{__name__}.{name}")
-    except Exception as e:  # no Triton (CPU wheels), or a Triton too old for the kernels
+    except (ImportError, AttributeError, RuntimeError) as e:  # no Triton (CPU wheels), or one too old for the kernels
         _unavailable[name] = f"{type(e).__name__}: {e}"
         logger.info("project int4 kernels unavailable (%s); using comfy-kitchen's", _unavailable[name])
         return None
