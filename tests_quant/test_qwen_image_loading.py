@@ -467,8 +467,9 @@ def test_cli_demo_and_inspect(tmp_path, int4_file):
     r = _cli("demo", "--workdir", str(tmp_path / "demo"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "svdquant_w4a4" in r.stdout and "cosine" in r.stdout and "PSNR" in r.stdout
-    assert "restored bit-exact: yes" in r.stdout
-    cos = float(r.stdout.split("int4 vs bf16 model output: cosine ")[1].split(",")[0])
+    assert "checks (all passed" in r.stdout and "[FAIL]" not in r.stdout, r.stdout
+    assert "[PASS] removing the LoRA restores the int4 model: output bit-exact" in r.stdout, r.stdout
+    cos = float(r.stdout.split("[PASS] int4 agrees with bf16: output cosine ")[1].split(" ")[0])
     assert cos >= 0.97 and not math.isnan(cos)
     r = _cli("inspect", str(int4_file[1]), cwd=tmp_path)
     assert r.returncode == 0 and "problems: 0" in r.stdout, r.stdout + r.stderr
