@@ -275,20 +275,24 @@ def _store(acc, bias_ptr, y_ptr, rm, rn, rn_in, M, N, stride_ym, HAS_BIAS: tl.co
 
 
 @triton.jit
-def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
-                 M, N, M_pad, R, stride_la, stride_up, stride_ym,
-                 K: tl.constexpr, R_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC_FMA: tl.constexpr,
-                 DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, PIPE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-    # program -> (pid_m, pid_n), GROUP_M row blocks at a time so neighbouring programs share weights in L2
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (pid_m, pid_n): GROUP_M row blocks at a time, so neighbouring programs share weights in L2."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
+def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
+                 M, N, M_pad, R, stride_la, stride_up, stride_ym,
+                 K: tl.constexpr, R_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC_FMA: tl.constexpr,
+                 DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, PIPE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # < M_pad: BLOCK_M divides ROW_PAD
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -348,14 +352,7 @@ def _gemm_fp8_kernel(a_desc, w_desc, as_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y
                      BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """The W4A4 GEMM on the FP8 tensor cores: e4m3 activation codes and e4m3 weight codes (converted from the
     stored nibbles in registers), both tiles fetched by TMA; per group ``acc += a·(w·D)`` in fp32."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
     rm = m0 + tl.arange(0, BLOCK_M)
