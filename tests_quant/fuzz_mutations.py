@@ -16,6 +16,7 @@ A mutation is plain data (a tuple), so hypothesis can shrink it and a failure pr
 from __future__ import annotations
 
 import json
+import os
 import math
 import struct
 
@@ -171,3 +172,24 @@ def apply_tensor_mutation(sd: dict, meta: dict, mutation) -> None:
     elif kind == "stray_slot":
         layer = key[: -len(".comfy_quant")] if key.endswith(".comfy_quant") else key.rpartition(".")[0]
         sd.setdefault(f"{layer}.{mutation[2]}", torch.zeros(4, dtype=torch.bfloat16))
+
+
+def make_output(kind, d, src):
+    """``(output path, input path)`` for output-path ``kind`` (a FIFO, a symlink to a file or to nowhere, a
+    directory, an existing file, the input itself, a missing folder, a new file) made in folder ``d``."""
+    out = d / "out" / "o.safetensors" if kind == "missing_folder" else d / "o.safetensors"
+    if kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "symlink_file":
+        (d / "target.safetensors").write_bytes(b"target")
+        out.symlink_to(d / "target.safetensors")
+    elif kind == "symlink_dangling":
+        out.symlink_to(d / "nowhere.safetensors")
+    elif kind == "directory":
+        out.mkdir()
+    elif kind == "existing":
+        out.write_bytes(b"earlier")
+    elif kind == "the_input":
+        out.write_bytes(src.read_bytes())
+        return out, out
+    return out, src

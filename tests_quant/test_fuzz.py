@@ -39,8 +39,8 @@ from hypothesis import strategies as st
 import comfy.sd
 import comfy.utils
 from comfy.quant.errors import QuantFileError
-from fuzz_mutations import (apply_byte_mutation, apply_tensor_mutation, byte_mutations, interrupts, output_cases,
-                            strengths, tensor_mutations)
+from fuzz_mutations import (apply_byte_mutation, apply_tensor_mutation, byte_mutations, interrupts, make_output,
+                            output_cases, strengths, tensor_mutations)
 import lora_helpers as H
 from lora_helpers import IN_CH, TXT_DIM, checkpoint
 
@@ -259,25 +259,6 @@ def nunchaku_file(tmp_path_factory):
     return path
 
 
-def _make_output(kind, d, src):
-    out = d / "out" / "o.safetensors" if kind == "missing_folder" else d / "o.safetensors"
-    if kind == "fifo":
-        os.mkfifo(out)
-    elif kind == "symlink_file":
-        (d / "target.safetensors").write_bytes(b"target")
-        out.symlink_to(d / "target.safetensors")
-    elif kind == "symlink_dangling":
-        out.symlink_to(d / "nowhere.safetensors")
-    elif kind == "directory":
-        out.mkdir()
-    elif kind == "existing":
-        out.write_bytes(b"earlier")
-    elif kind == "the_input":
-        out.write_bytes(src.read_bytes())
-        return out, out
-    return out, src
-
-
 def _state(d):
     return sorted((p.name, p.is_symlink(), p.is_fifo(), p.is_dir(),
                    p.read_bytes() if p.is_file() and not p.is_symlink() else b"") for p in d.iterdir())
@@ -292,7 +273,7 @@ def test_fuzz_output_paths(nunchaku_file, tmp_path_factory, case):
     from comfy.quant_tools.convert_nunchaku import convert_nunchaku_file
     kind, force = case
     d = tmp_path_factory.mktemp("out")
-    out, src = _make_output(kind, d, nunchaku_file)
+    out, src = make_output(kind, d, nunchaku_file)
     before = _state(d)
     try:
         convert_nunchaku_file(str(src), str(out), progress=False, overwrite=force)

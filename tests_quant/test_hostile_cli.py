@@ -21,6 +21,7 @@ import comfy.utils
 import lora_helpers as H
 from lora_helpers import no_grad  # noqa: F401 (a fixture)
 from factories import cli_model_files
+from fuzz_mutations import make_output
 from comfy.quant.errors import OutputFileError, QuantFileError, QuantizedLayerError
 from comfy.quant_tools import cli, quantizer
 from comfy.quant_tools.demo import DemoConfig
@@ -173,22 +174,10 @@ def test_inspect_flags_a_rank_that_makes_a_layer_larger_than_bf16(files, tmp_pat
 
 
 # ============================================================ outputs that are not regular files
-def _special_output(kind, tmp_path):
-    out = tmp_path / "out.safetensors"
-    if kind == "fifo":
-        os.mkfifo(out)
-    elif kind == "symlink to a file":
-        (tmp_path / "target.safetensors").write_bytes(b"target bytes")
-        out.symlink_to(tmp_path / "target.safetensors")
-    elif kind == "dangling symlink":
-        out.symlink_to(tmp_path / "nowhere.safetensors")
-    return out
-
-
-@pytest.mark.parametrize("kind", ["fifo", "symlink to a file", "dangling symlink"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink_file", "symlink_dangling"])
 @pytest.mark.parametrize("command", ["quantize", "convert-nunchaku"])
 def test_non_regular_outputs_are_refused_even_with_force(files, tmp_path, capsys, monkeypatch, kind, command):
-    out = _special_output(kind, tmp_path)
+    out, _ = make_output(kind, tmp_path, None)
     before = _listing(tmp_path)
     _no_work(monkeypatch)
     src = files["float"] if command == "quantize" else files["nunchaku"]
@@ -198,8 +187,8 @@ def test_non_regular_outputs_are_refused_even_with_force(files, tmp_path, capsys
     assert ("symbolic link" if "symlink" in kind else "not a regular file") in err
     assert _listing(tmp_path) == before
     assert out.is_fifo() if kind == "fifo" else out.is_symlink()
-    if kind == "symlink to a file":
-        assert (tmp_path / "target.safetensors").read_bytes() == b"target bytes"
+    if kind == "symlink_file":
+        assert (tmp_path / "target.safetensors").read_bytes() == b"target"
 
 
 def test_a_device_output_is_refused_before_anything_is_opened(files):

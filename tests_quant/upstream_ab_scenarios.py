@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -45,8 +44,10 @@ class _LogCapture(logging.Handler):
         self.records.append(f"{record.levelname} {record.name}: {record.getMessage()}"[:2000])
 
 
-class Run:
-    def __init__(self, params):
+class Run(S.Record):
+    """The A/B record: a case per input, with its outcome and INFO+ log lines; written as ``S.Record`` writes."""
+
+    def __init__(self, params):  # not Record's: INFO-level log capture, cases instead of steps
         self.params = params
         self.result = {"cases": {}}
         self.tensors = {}
@@ -68,16 +69,6 @@ class Run:
 
     def ok(self, name):
         return self.result["cases"].get(name, {}).get("outcome") == "ok"
-
-    def write(self):
-        if self.tensors:
-            import safetensors.torch
-            safetensors.torch.save_file(self.tensors, self.params["tensors"])
-            self.result["tensors"] = self.params["tensors"]
-        tmp = self.params["result"] + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.result, f, indent=1, default=str)
-        os.replace(tmp, self.params["result"])
 
 
 # ---------------------------------------------------------------------------------------- records
