@@ -1,12 +1,16 @@
 """``python -m comfy.quant bench``: int4 layers and a whole Qwen-Image model against bf16 and FP8, in one run.
 
-Sections: ``awq`` (AWQ W4A16 modulation linears), ``w4a4`` (SVDQuant W4A4 block linears, with LoRAs
-appended), ``model`` (a Qwen-Image transformer, int4 vs bf16, and int4 with a LoRA on every block
-linear) and ``lora`` (load + patch, strength change and unpatch of that LoRA). Every int4 layer runs
-through the host's ``MixedPrecisionOps.Linear``: "int4" is the default kernel choice
-(``kernels.forced("auto")``), "kitchen" is comfy-kitchen's path (``kernels.forced("kitchen")``). bf16 is
-``F.linear``; FP8 is ``torch._scaled_mm`` on already-FP8 inputs with per-tensor scales (the GEMM alone).
-On CUDA the suite runs at Qwen-Image's sizes; on the CPU (or ``small=True``) a small one, in seconds.
+Sections: ``awq`` (AWQ W4A16 modulation linears, with the share of the copy bandwidth they reach),
+``w4a4`` (SVDQuant W4A4 block linears: the four Qwen-Image block shapes, q/k/v as three grouped
+members, and a Flux-sized K-split ``linear2``; LoRAs appended), ``model`` (a Qwen-Image transformer
+in bf16, FP8 and int4, and int4 with a LoRA on every block linear) and ``lora`` (load + patch,
+strength change and unpatch of that LoRA). Every int4 layer runs through the host's
+``MixedPrecisionOps.Linear``: "int4" is the default kernel choice (``kernels.forced("auto")``),
+"kitchen" is comfy-kitchen's path (``kernels.forced("kitchen")``). bf16 is ``F.linear``; FP8 linears
+are ``torch._scaled_mm`` on already-FP8 inputs with per-tensor scales (the GEMM alone); the FP8 model
+runs its block linears as upstream ComfyUI runs a ``float8_e4m3fn`` layer (``Fp8Linear``). bf16 and FP8
+are measured in the same run as int4, and every row carries the device and the date. On CUDA the
+suite runs at Qwen-Image's sizes; on the CPU (or ``small=True``) a small one, in seconds.
 """
 from __future__ import annotations
 
@@ -42,16 +46,42 @@ FP8_MAX = 448.0
 GRAPH_CALLS = 10    # calls captured in one CUDA graph
 MIN_EVENTS = 30     # timed calls when a callable cannot be captured
 MAX_COPIES = 32     # weight/input copies cycled through, so that L2 does not hold them
+TIME_CAP_S = 3.0    # about the longest one measurement's timed calls may take (slow ones get fewer repeats)
+MIN_REPEATS = 3     # ... but never fewer than this
 GIB = 1 << 30
 QUANTIZED = JOINT_MEMBERS | SVDQUANT_SINGLE | AWQ   # the 14 int4 linears of a block
+COPY_BYTES = 1 << 28  # the copy that measures the memory bandwidth (overflows any L2)
+MODEL_KEYS = ("forward_ms", "host_ms", "peak_gib", "weights_gib")  # a model row's measured values
+
+
+@dataclass(frozen=True)
+class W4A4Case:
+    """One W4A4 block of the table: ``members`` linears ``k`` → ``n`` on one input (more than one: siblings
+    run as the model runs q/k/v, one ``run_linear_group`` call), ``act`` their activations' signedness
+    (a bool, or ``((width, unsigned), ...)`` for an input-split layer), timed at ``ms`` (empty: the suite's
+    ``w4a4_m``). ``role``: "shape" for Qwen-Image's block shapes, "ksplit" for Flux's ``linear2``."""
+    name: str
+    k: int
+    n: int
+    act: object = False
+    members: int = 1
+    ms: tuple = ()
+    role: str = "shape"
+
+    @property
+    def n_total(self) -> int:
+        return self.n * self.members
 
 
 @dataclass(frozen=True)
 class Suite:
     awq: tuple                 # (K, N) of the modulation linear
     awq_m: tuple
-    w4a4: tuple                # (case, K, N, act_unsigned)
+    w4a4: tuple                # W4A4Case, in table order
     w4a4_m: tuple
+    big_m: int                 # the M of the issue's large-M targets (4096 image tokens at 1024²)
+    mid_m: int                 # the M of its mid-size targets
+    awq_small_m: int = 16      # AWQ rows up to this M are held to the bandwidth target
     ranks: tuple = (32, 128)
     loras: tuple = (0, 1, 2)
     lora_rank: int = 64
@@ -63,30 +93,44 @@ class Suite:
     model_iters: int = 5       # timed forwards, after 2 warm-ups
 
 
-FULL = Suite(awq=(3072, 18432), awq_m=(1, 2, 8, 16, 256), w4a4_m=(256, 1024, 4096),
-             w4a4=(("w4a4", 3072, 3072, False), ("w4a4 fused qkv", 3072, 9216, False),
-                   ("w4a4 mlp up", 3072, 12288, False), ("w4a4 mlp down unsigned", 12288, 3072, True)))
-SMALL = Suite(awq=(256, 1536), awq_m=(1, 8), w4a4_m=(16, 64),
-              w4a4=(("w4a4", 256, 256, False), ("w4a4 fused qkv", 256, 768, False),
-                    ("w4a4 mlp up", 256, 1024, False), ("w4a4 mlp down unsigned", 1024, 256, True)),
+def _cases(d, mlp, split_m) -> tuple:
+    """The W4A4 cases at model width ``d`` and MLP width ``mlp``: Qwen-Image's four block shapes and a
+    Flux-sized K-split ``linear2`` (attention out, signed, then MLP out, unsigned) at ``split_m`` rows."""
+    return (W4A4Case("w4a4 attn out", d, d), W4A4Case("w4a4 q/k/v grouped", d, d, members=3),
+            W4A4Case("w4a4 mlp up", d, mlp), W4A4Case("w4a4 mlp down unsigned", mlp, d, True),
+            W4A4Case(f"flux linear2 K-split ({d} signed + {mlp} unsigned)", d + mlp, d,
+                     ((d, False), (mlp, True)), ms=(split_m,), role="ksplit"))
+
+
+FULL = Suite(awq=(3072, 18432), awq_m=(1, 2, 8, 16, 256, 1024, 4096), w4a4=_cases(3072, 12288, 4096),
+             w4a4_m=(256, 1024, 4096), big_m=4096, mid_m=1024)
+SMALL = Suite(awq=(256, 1536), awq_m=(1, 8), w4a4=_cases(256, 1024, 64), w4a4_m=(16, 64), big_m=64, mid_m=16,
               model=dict(num_layers=2, num_attention_heads=2, joint_attention_dim=256), latent=16, text_tokens=16,
               iters=5)
 
 
 # ---- timing ----
 def time_us(calls, iters, device) -> tuple[float, str]:
-    """Median µs per call cycling through ``calls`` (callables on distinct buffers), and the method used."""
-    for fn in calls * 2:  # warm-up: every buffer, every first-call path (Triton compiles and tunes here)
+    """Median µs per call cycling through ``calls`` (callables on distinct buffers), and the method used.
+    Slow calls (kitchen's at large M) get fewer repeats, so that no measurement takes much over
+    ``TIME_CAP_S``."""
+    for fn in calls:  # warm-up: every buffer, every first-call path (Triton compiles and tunes here)
         fn()
+    call_s = _seconds(lambda: [fn() for fn in calls], device)[0] / len(calls)  # compiled now: a call's cost
     if device.type != "cuda":
-        return _median(calls, iters, device), "perf_counter"
-    torch.cuda.synchronize(device)
+        return _median(calls, _capped(iters, call_s, 1), device), "perf_counter"
     try:
-        return _median_graph(calls, iters, device), "graph"
+        return _median_graph(calls, _capped(iters, call_s, max(GRAPH_CALLS, len(calls))), device), "graph"
     except Exception as e:  # a host sync or a CPU-side decision inside: time it uncaptured
         logger.info("CUDA graph capture failed (%s: %s); timing with CUDA events", type(e).__name__, e)
         torch.cuda.synchronize(device)
-        return _median(calls, max(iters, MIN_EVENTS), device), "events"
+        return _median(calls, _capped(max(iters, MIN_EVENTS), call_s, 1), device), "events"
+
+
+def _capped(iters, call_s, calls_per_iter) -> int:
+    """``iters`` cut down where they would take longer than ``TIME_CAP_S``, to no fewer than ``MIN_REPEATS``
+    (or ``iters``, if that is fewer)."""
+    return max(min(iters, MIN_REPEATS), min(iters, int(TIME_CAP_S / max(call_s * calls_per_iter, 1e-9))))
 
 
 def _median(calls, iters, device) -> float:
@@ -129,6 +173,15 @@ def copies(nbytes, device) -> int:
     return max(2, min(MAX_COPIES, math.ceil(2 * l2 / max(nbytes, 1))))
 
 
+def copy_gbps(iters, device) -> float:
+    """Memory bandwidth as a large device copy sees it: GB/s of bytes read plus bytes written."""
+    nbytes = COPY_BYTES if device.type == "cuda" else 1 << 22
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us, _ = time_us([functools.partial(dst.copy_, src)], iters, device)
+    return 2 * nbytes / (us * 1e3)
+
+
 def _seconds(fn, device) -> tuple[float, object]:
     """(seconds, result) of ``fn()``, the device synchronized before and after."""
     if device.type == "cuda":
@@ -155,13 +208,21 @@ def _normal(shape, std, g, dtype=BF16):
     return (torch.randn(shape, generator=g, device=g.device) * std).to(dtype)
 
 
+def _act_config(act) -> dict:
+    """The ``comfy_quant`` signedness entries of an activation spec: a bool, or ``((width, unsigned), ...)``
+    for an input-split layer (``in_splits``, formats.md)."""
+    if isinstance(act, tuple):
+        return {"act_unsigned": [bool(u) for _, u in act], "in_splits": [w for w, _ in act]}
+    return {"act_unsigned": bool(act)}
+
+
 def svdquant_tensors(n, k, rank, g, act_unsigned=False, shared=None) -> dict:
-    """Random SVDQuant W4A4 layer tensors; ``shared`` (a dict, filled on first use) hands one smoothing
-    and ``proj_down`` to siblings that quantize one activation (q/k/v)."""
+    """Random SVDQuant W4A4 layer tensors; ``act_unsigned`` as ``_act_config`` takes it; ``shared`` (a dict,
+    filled on first use) hands one smoothing and ``proj_down`` to siblings that quantize one activation (q/k/v)."""
     shared = {} if shared is None else shared
     if not shared:
         shared.update(weight_smooth_factor=_uniform((k,), 0.5, 1.5, g), weight_proj_down=_normal((k, rank), 0.05, g))
-    conf = {"format": "svdquant_w4a4", "rank": rank, "act_unsigned": act_unsigned, "group_size": 64}
+    conf = {"format": "svdquant_w4a4", "rank": rank, "group_size": 64, **_act_config(act_unsigned)}
     return {"weight": pack_int4(torch.randint(-8, 8, (n, k), generator=g, device=g.device)),
             "weight_scale": _uniform((k // 64, n), 0.005, 0.025, g), "weight_proj_up": _normal((n, rank), 0.05, g),
             **shared, "comfy_quant": formats.encode_config(conf)}
@@ -182,6 +243,31 @@ def int4_linear(tensors, n, k, g):
     sd = {f"l.{key}": t for key, t in {**tensors, "bias": _normal((n,), 0.1, g)}.items()}
     lin._load_from_state_dict(sd, "l.", {}, True, [], [], [])
     return lin
+
+
+class LinearGroup(torch.nn.Module):
+    """Sibling linears on one input, called as the model calls q/k/v: one ``comfy.ops.run_linear_group``
+    (the activation quantized once where the format can share it)."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x):
+        return comfy.ops.run_linear_group(x, tuple(self.members))
+
+
+def members(layer) -> list:
+    """The linears of a table layer: a group's members, or the layer itself."""
+    return list(layer.members) if isinstance(layer, LinearGroup) else [layer]
+
+
+def w4a4_layer(case, rank, g):
+    """``case``'s int4 layer: one linear, or its members on one shared smoothing and ``proj_down``."""
+    shared = {}
+    made = [int4_linear(svdquant_tensors(case.n, case.k, rank, g, case.act, shared), case.n, case.k, g)
+            for _ in range(case.members)]
+    return made[0] if case.members == 1 else LinearGroup(made)
 
 
 def _stored(t) -> list:
@@ -211,9 +297,14 @@ def awq_dequantized(lin) -> torch.Tensor:
 
 
 # ---- linear rows ----
-def _inputs(m, k, count, g, unsigned=False) -> list:
-    xs = [_normal((m, k), 1.0, g) for _ in range(count)]
-    return [F.gelu(x) for x in xs] if unsigned else xs  # an unsigned layer reads post-GELU activations
+def _inputs(m, k, count, g, act=False) -> list:
+    """``count`` (m, k) inputs; the parts ``act`` marks unsigned are post-GELU activations (what such a
+    layer reads), the others standard normal."""
+    parts = act if isinstance(act, tuple) else ((k, act),)
+    def one():
+        return torch.cat([F.gelu(x) if unsigned else x for x, unsigned in
+                          ((_normal((m, w), 1.0, g), unsigned) for w, unsigned in parts)], 1)
+    return [one() for _ in range(count)]
 
 
 def _fp8(t):
@@ -247,26 +338,42 @@ def float_times(ws, bs, xs, iters, device) -> dict:
     return {"bf16_us": bf16, "fp8_us": fp8_us, "methods": {"bf16": bf16_method, "fp8": fp8_method}, "note": note}
 
 
-def project_kernel(lin, x):
-    """Whether the default choice runs the project's kernel (not kitchen's) for ``lin(x)``."""
+def project_kernel(layer, x):
+    """Whether the default choice runs the project's kernel (not kitchen's) for ``layer(x)``."""
+    weight = members(layer)[0].weight
     with kernels.forced("auto"):
-        fmt = formats.format_of(lin.weight).name
+        fmt = formats.format_of(weight).name
         mod = kernels.w4a4_kernel(x.device) if fmt == "svdquant_w4a4" else kernels.awq_kernel(x.device, x.shape[0])
-        return mod is not None and mod.supports(x, lin.weight)
+        return mod is not None and mod.supports(x, weight)
+
+
+def ratio(a, b):
+    """``a / b`` of two measured values, None where either is missing."""
+    return None if a is None or not b else a / b
 
 
 def linear_row(base, layers, xs, floats, iters, device) -> dict:
-    """One table row: ``layer(x)`` under kitchen's kernels and under the default choice, next to ``floats``."""
+    """One table row: ``layer(x)`` under kitchen's kernels and under the default choice, next to ``floats``;
+    ratios are int4's time over the others' (< 1: int4 faster) and its stored bytes over bf16's."""
     calls = [functools.partial(lin, x) for lin, x in zip(layers, xs)]
     with kernels.forced("kitchen"):
         kit, kit_method = time_us(calls, iters, device)
     project = project_kernel(layers[0], xs[0])
     with kernels.forced("auto"):  # where the default choice is kitchen's kernel, it is the same measurement
         int4, method = time_us(calls, iters, device) if project else (kit, kit_method)
-    ratio = lambda t: None if t is None else t / int4  # noqa: E731
+    bf16_bytes = (base["K"] + 1) * base["N"] * 2  # weight and bias
     return {**base, "int4_us": int4, "kitchen_us": kit, **floats, "int4_kernel": "project" if project else "kitchen",
             "methods": {"int4": method, "kitchen": kit_method, **floats["methods"]},
-            "bf16/int4": ratio(floats["bf16_us"]), "fp8/int4": ratio(floats["fp8_us"]), "kitchen/int4": ratio(kit)}
+            "int4/bf16": ratio(int4, floats["bf16_us"]), "int4/fp8": ratio(int4, floats["fp8_us"]),
+            "int4/kitchen": ratio(int4, kit), "weights/bf16": weight_bytes(layers[0].parameters()) / bf16_bytes}
+
+
+def bandwidth(row, layer, gbps) -> dict:
+    """The bytes one call must move (the layer's stored tensors, its bf16 input and output), the µs they need
+    at the measured copy bandwidth, and that time as a share of the int4 call's (``bw_pct``)."""
+    moved = weight_bytes(layer.parameters()) + row["M"] * (row["K"] + row["N"]) * 2
+    bytes_us = moved / (gbps * 1e3)
+    return {"copy_gbps": gbps, "moved_bytes": moved, "bytes_us": bytes_us, "bw_pct": 100 * bytes_us / row["int4_us"]}
 
 
 def bench_awq(suite, device, iters, g) -> list:
@@ -274,49 +381,71 @@ def bench_awq(suite, device, iters, g) -> list:
     layers = copied_layers(lambda: int4_linear(awq_tensors(n, k, g), n, k, g), 0, device)
     dense = layers[:copies(n * k, device)]  # as many as FP8 needs (bf16 needs fewer)
     ws, bs = [awq_dequantized(lin) for lin in dense], [lin.bias for lin in dense]
-    rows = []
+    gbps, rows = copy_gbps(iters, device), []
     for m in suite.awq_m:
         logger.info("awq_w4a16 M=%d %d->%d (%d copies)", m, k, n, len(layers))
         xs = _inputs(m, k, len(layers), g)
-        base = {"section": "awq", "case": "awq_w4a16 g64", "M": m, "K": k, "N": n, "rank": None, "loras": 0}
-        rows.append(linear_row(base, layers, xs, float_times(ws, bs, xs, iters, device), iters, device))
+        base = {"section": "awq", "case": "awq_w4a16 g64", "role": "awq", "members": 1, "M": m, "K": k, "N": n,
+                "rank": None, "loras": 0}
+        row = linear_row(base, layers, xs, float_times(ws, bs, xs, iters, device), iters, device)
+        rows.append({**row, **bandwidth(row, layers[0], gbps)})
     return rows
 
 
-def _append_lora(layers, n, k, rank, g):
-    """One more rank-``rank`` LoRA on every layer, as the model patcher lands one (appended rank)."""
-    delta = LowRankDelta(_normal((n, rank), 0.01, g, FP32), _normal((rank, k), 0.01, g, FP32))
-    for lin in layers:
-        formats.format_of(lin.weight).apply_deltas([(lin, [delta])])
+def lora_deltas(layer, count, rank, g) -> list:
+    """``count`` rank-``rank`` LoRAs for a table layer, each a list with one delta per member: its own
+    factors, as a LoRA file has one ``lora_A`` / ``lora_B`` pair for each of q, k and v."""
+    n, k = members(layer)[0].weight.shape
+    return [[LowRankDelta(_normal((n, rank), 0.01, g, FP32), _normal((rank, k), 0.01, g, FP32))
+             for _ in members(layer)] for _ in range(count)]
 
 
-def _w4a4_rows(case, k, n, unsigned, rank, suite, floats, iters, device, g) -> list:
-    make = lambda: int4_linear(svdquant_tensors(n, k, rank, g, unsigned), n, k, g)  # noqa: E731
-    layers, rows, applied = copied_layers(make, min(suite.w4a4_m) * k * 2, device), [], 0
+def land_loras(layers, bases, deltas):
+    """Every layer's members rebuilt from their ``bases`` (their unpatched weights) with the LoRAs ``deltas``
+    landed in one ``apply_deltas`` call per group, as the model patcher lands a set of LoRAs
+    (``comfy.quant.patching.patch_weight``)."""
+    for layer, base in zip(layers, bases):
+        linears = members(layer)
+        for lin, weight in zip(linears, base):
+            lin.weight = weight
+        if deltas:
+            formats.format_of(base[0]).apply_deltas([(lin, [lora[i] for lora in deltas])
+                                                     for i, lin in enumerate(linears)])
+
+
+def _float_shape(m, k, n, iters, device, g) -> dict:
+    """bf16 and FP8 of one (m, k, n) GEMM, on as many weight copies as FP8's bytes need."""
+    ws = [_normal((n, k), k ** -0.5, g) for _ in range(copies((n + m) * k, device))]
+    return float_times(ws, [_normal((n,), 0.1, g) for _ in ws], _inputs(m, k, len(ws), g), iters, device)
+
+
+def _w4a4_rows(case, rank, suite, floats, iters, device, g) -> list:
+    ms, rows = case.ms or suite.w4a4_m, []
+    layers = copied_layers(lambda: w4a4_layer(case, rank, g), min(ms) * case.k * 2, device)
+    bases = [[lin.weight for lin in members(layer)] for layer in layers]
+    deltas = lora_deltas(layers[0], max(suite.loras), suite.lora_rank, g)
+    k, n = case.k, case.n_total
     for loras in suite.loras:
-        for _ in range(loras - applied):
-            _append_lora(layers, n, k, suite.lora_rank, g)
-        applied = loras
-        for m in suite.w4a4_m:
-            logger.info("%s M=%d %d->%d r%d + %d LoRA (%d copies)", case, m, k, n, rank, loras, len(layers))
+        land_loras(layers, bases, deltas[:loras])
+        for m in ms:
+            logger.info("%s M=%d %d->%d r%d + %d LoRA (%d copies)", case.name, m, k, n, rank, loras, len(layers))
             if (m, k, n) not in floats:  # bf16 / FP8 once per shape, reused across ranks and LoRAs
-                ws = [_normal((n, k), k ** -0.5, g) for _ in range(copies((n + m) * k, device))]  # FP8's bytes
-                floats[m, k, n] = float_times(ws, [_normal((n,), 0.1, g) for _ in ws], _inputs(m, k, len(ws), g),
-                                              iters, device)
-            xs = _inputs(m, k, len(layers), g, unsigned)
-            base = {"section": "w4a4", "case": case, "M": m, "K": k, "N": n, "rank": rank, "loras": loras}
-            rows.append(linear_row(base, layers, xs, floats[m, k, n], iters, device))
+                floats[m, k, n] = _float_shape(m, k, n, iters, device, g)
+            base = {"section": "w4a4", "case": case.name, "role": case.role, "members": case.members, "M": m,
+                    "K": k, "N": n, "rank": rank, "loras": loras}
+            rows.append(linear_row(base, layers, _inputs(m, k, len(layers), g, case.act), floats[m, k, n], iters,
+                                   device))
     return rows
 
 
 def bench_w4a4(suite, device, iters, g) -> list:
     rows, floats = [], {}
-    for case, k, n, unsigned in suite.w4a4:
+    for case in suite.w4a4:
         for rank in suite.ranks:
-            rows += _w4a4_rows(case, k, n, unsigned, rank, suite, floats, iters, device, g)
+            rows += _w4a4_rows(case, rank, suite, floats, iters, device, g)
             _free(device)
-    order = {(k, n): i for i, (_, k, n, _) in enumerate(suite.w4a4)}
-    return sorted(rows, key=lambda r: (order[r["K"], r["N"]], r["M"], r["rank"], r["loras"]))
+    order = {case.name: i for i, case in enumerate(suite.w4a4)}
+    return sorted(rows, key=lambda r: (order[r["case"]], r["M"], r["rank"], r["loras"]))
 
 
 # ---- the model ----
@@ -369,6 +498,61 @@ def bf16_model(suite, device, g):
     return model
 
 
+class Fp8Linear(torch.nn.Module):
+    """A linear as upstream ComfyUI stores and runs a ``comfy_quant`` "float8_e4m3fn" layer: ``weight`` e4m3
+    codes with one fp32 ``weight_scale`` (amax / 448), a static fp32 ``input_scale`` (the file's; 1.0 where a
+    file has none, as upstream then quantizes), the input quantized per call by kitchen's
+    ``quantize_per_tensor_fp8`` and ``torch._scaled_mm`` with per-tensor scales. Built in the bench (this
+    host's ``MixedPrecisionOps`` loads int4 formats only) and calling ``torch._scaled_mm`` directly: kitchen's
+    own FP8 ``addmm`` would fall back to dequantized bf16 without a word if the GEMM failed."""
+
+    def __init__(self, linear, input_scale=1.0):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        scale = w.abs().amax().float() / FP8_MAX
+        self.weight = torch.nn.Parameter(kitchen.ck.quantize_per_tensor_fp8(w, scale, torch.float8_e4m3fn),
+                                         requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("input_scale", torch.tensor(float(input_scale), device=w.device))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1]).contiguous()  # upstream quantizes >2-D inputs as 2-D, row-major
+        xq = kitchen.ck.quantize_per_tensor_fp8(flat, self.input_scale, torch.float8_e4m3fn)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
+                               bias=self.bias, out_dtype=x.dtype)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def to_fp8(model) -> int:
+    """Swap the block linears the int4 model quantizes (all 14 of each block) for ``Fp8Linear`` copies,
+    one at a time so that each bf16 weight is dropped as its FP8 copy lands; returns how many."""
+    names = [key.removesuffix(".weight") for key in model.state_dict() if _block_linear(key)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, Fp8Linear(getattr(owner, child)))
+    return len(names)
+
+
+def float_model_rows(suite, inputs, iters, device, g) -> list:
+    """bf16, then the same weights with the block linears in FP8: one model at a time, freed by the caller.
+    An FP8 GEMM this torch or device refuses leaves the FP8 row unmeasured, with the reason."""
+    logger.info("building the bf16 model")
+    model = bf16_model(suite, device, g)
+    rows = [model_row("bf16", "bf16", model, inputs, iters, device)]
+    logger.info("converting its block linears to FP8")
+    name = f"fp8 (e4m3 on {to_fp8(model)} block linears)"
+    try:
+        return rows + [model_row("fp8", name, model, inputs, iters, device)]
+    except (RuntimeError, TypeError) as e:
+        reason = f"fp8 n/a: {str(e).splitlines()[0][:80]}"
+        logger.warning("FP8 model not measured: %s", reason)
+        return rows + [{"section": "model", "kind": "fp8", "model": name, "error": reason,
+                        **dict.fromkeys(MODEL_KEYS)}]
+
+
 def lora_state_dict(shapes, rank, g) -> dict:
     """A diffusers-format LoRA of rank ``rank`` on every int4 linear of every block, on the CPU."""
     sd = {}
@@ -393,7 +577,7 @@ def _forward_ms(model, inputs, device) -> tuple[float, float]:
     return (time.perf_counter() - t0) * 1e3, (t1 - t0) * 1e3
 
 
-def model_row(name, model, inputs, iters, device) -> dict:
+def model_row(kind, name, model, inputs, iters, device) -> dict:
     """Median forward ms (after 2 warm-ups), peak memory while running and weight memory of ``model``."""
     with torch.no_grad():
         for _ in range(2):
@@ -402,7 +586,7 @@ def model_row(name, model, inputs, iters, device) -> dict:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         runs = [_forward_ms(model, inputs, device) for _ in range(iters)]
-    return {"section": "model", "model": name, "forward_ms": statistics.median(r[0] for r in runs),
+    return {"section": "model", "kind": kind, "model": name, "forward_ms": statistics.median(r[0] for r in runs),
             "host_ms": statistics.median(r[1] for r in runs),
             "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
             "weights_gib": weight_bytes([*model.parameters(), *model.buffers()]) / GIB}
@@ -417,10 +601,10 @@ def _apply_lora(patcher, lora_sd, strength, device):
 
 def int4_model_rows(patcher, lora_sd, inputs, suite, iters, device) -> list:
     model = patcher.model.diffusion_model
-    base = model_row("int4", model, inputs, iters, device)
+    base = model_row("int4", "int4", model, inputs, iters, device)
     lora = _apply_lora(patcher, lora_sd, 1.0, device)
-    with_lora = model_row(f"int4 + LoRA r{suite.lora_rank} on {len(lora.patches)} layers", model, inputs, iters,
-                          device)
+    with_lora = model_row("int4+lora", f"int4 + LoRA r{suite.lora_rank} on {len(lora.patches)} layers", model,
+                          inputs, iters, device)
     lora.unpatch_model()
     return [base, {**with_lora, "lora_overhead_pct": 100 * (with_lora["forward_ms"] / base["forward_ms"] - 1)}]
 
@@ -456,11 +640,13 @@ def bench_model(suite, sections, device, iters, g) -> tuple[list, dict, str]:
     blocks = len({BLOCK.match(k).group(1) for k in filter(BLOCK.match, shapes)})
     desc = (f"{blocks} blocks, dim {shapes['img_in.weight'][0]}, {(suite.latent // 2) ** 2} image + "
             f"{suite.text_tokens} text tokens, batch 1, bf16; int4: svdquant_w4a4 rank {suite.model_rank}, "
-            "awq_w4a16 modulation, the rest bf16")
+            "awq_w4a16 modulation, the rest bf16; fp8: the bf16 model's weights with the same block linears "
+            "as upstream's float8_e4m3fn layers (e4m3 weight, per-tensor weight scale, static input scale 1.0, "
+            "input quantized by kitchen), built in the bench (this host loads int4 formats only) and run by "
+            "torch._scaled_mm directly")
     rows, lora = [], {}
-    if "model" in sections:  # bf16 first, then freed: the two models need not fit at once
-        logger.info("building the bf16 model")
-        rows.append(model_row("bf16", bf16_model(suite, device, g), inputs, iters, device))
+    if "model" in sections:  # bf16 and FP8 first, then freed: no two models resident at once
+        rows += float_model_rows(suite, inputs, iters, device, g)
         _free(device)
     logger.info("building the int4 model through the loader")
     patcher = comfy.sd.load_diffusion_model_state_dict(int4_state_dict(shapes, suite.model_rank, g),
@@ -497,11 +683,12 @@ def run_info(device) -> dict:
 
 
 def run_bench(small=False, sections=SECTIONS, iters=None, device=None) -> dict:
-    """Every selected section, in this process → ``{"info", "rows", "lora", ...}`` (``format_report`` prints it)."""
+    """Every selected section, in this process → ``{"info", "rows", "lora", ...}`` (``format_report`` prints it).
+    Every row carries the run's device and date."""
     device = torch.device(device) if device else comfy.model_management.get_torch_device()
     suite = SMALL if small or device.type != "cuda" else FULL
     g = torch.Generator(device=device).manual_seed(0)
-    t0 = time.perf_counter()
+    info, t0 = run_info(device), time.perf_counter()
     rows, lora, desc = [], {}, ""
     if "awq" in sections:
         rows += bench_awq(suite, device, iters or suite.iters, g)
@@ -512,11 +699,14 @@ def run_bench(small=False, sections=SECTIONS, iters=None, device=None) -> dict:
         with kernels.forced("auto"):  # the kernels the header names, whatever COMFY_INT4_KERNELS says
             model_rows, lora, desc = bench_model(suite, sections, device, iters or suite.model_iters, g)
         rows += model_rows
-    return {"info": run_info(device), "suite": "small" if suite is SMALL else "full", "rows": rows, "lora": lora,
+    return {"info": info, "suite": "small" if suite is SMALL else "full",
+            "rows": [{**r, "device": info["device"], "date": info["date"]} for r in rows], "lora": lora,
             "model": desc, "model_iters": iters or suite.model_iters, "lora_rank": suite.lora_rank,
+            "target_m": {"big": suite.big_m, "mid": suite.mid_m, "awq_small": suite.awq_small_m},
             "seconds": time.perf_counter() - t0}
 
 
+# ---- the report ----
 def _num(v, spec=".1f"):
     return "–" if v is None else format(v, spec)
 
@@ -525,33 +715,57 @@ def _table(head, rows) -> list:
     return [f"| {' | '.join(head)} |", "|" + "---|" * len(head)] + [f"| {' | '.join(map(str, r))} |" for r in rows]
 
 
+def _run(r) -> str:
+    return f"{r['device'].removeprefix('NVIDIA ')} · {r['date']}"
+
+
+def _shape(r) -> str:
+    n = r["N"] // r["members"]
+    return f"{r['K']}→{r['N']}" if r["members"] == 1 else f"{r['K']}→{r['members']}×{n}"
+
+
+def _method(r, mark_kitchen) -> str:
+    used = set(r["methods"].values()) - {"n/a"}
+    text = used.pop() if len(used) == 1 else "/".join(r["methods"].values()) + " (int4/kitchen/bf16/fp8)"
+    if r["note"]:
+        text += f"; {r['note']}"
+    if mark_kitchen and r["int4_kernel"] == "kitchen":
+        text += "; int4 = kitchen's kernel"
+    return text
+
+
 def _linear_table(rows, mark_kitchen) -> list:
-    def method(r):
-        used = set(r["methods"].values()) - {"n/a"}
-        text = used.pop() if len(used) == 1 else "/".join(r["methods"].values()) + " (int4/kitchen/bf16/fp8)"
-        if r["note"]:
-            text += f"; {r['note']}"
-        if mark_kitchen and r["int4_kernel"] == "kitchen":
-            text += "; int4 = kitchen's kernel"
-        return text
-    head = ("case", "M", "K→N", "rank", "LoRAs", "int4 µs", "kitchen µs", "bf16 µs", "fp8 µs", "bf16/int4",
-            "fp8/int4", "kitchen/int4", "method")
-    return _table(head, [(r["case"], r["M"], f"{r['K']}→{r['N']}", r["rank"] or "–", r["loras"],
+    awq = rows[0]["section"] == "awq"
+    head = ("case", "M", "K→N", "rank", "LoRAs", "int4 µs", "kitchen µs", "bf16 µs", "fp8 µs", "int4/bf16",
+            "int4/fp8", "int4/kitchen") + (("bytes µs", "% copy bw") if awq else ()) + ("method", "device · date")
+    return _table(head, [(r["case"], r["M"], _shape(r), r["rank"] or "–", r["loras"],
                           *(_num(r[k]) for k in ("int4_us", "kitchen_us", "bf16_us", "fp8_us")),
-                          *(_num(r[k], ".3f") for k in ("bf16/int4", "fp8/int4", "kitchen/int4")), method(r))
-                         for r in rows])
+                          *(_num(r[k], ".3f") for k in ("int4/bf16", "int4/fp8", "int4/kitchen")),
+                          *((_num(r["bytes_us"]), _num(r["bw_pct"], ".0f")) if awq else ()),
+                          _method(r, mark_kitchen), _run(r)) for r in rows])
+
+
+def model_ratios(rows) -> dict:
+    """``{"int4/bf16": {key: ratio}, "int4/fp8": ...}`` from the model rows' measured values."""
+    by = {r["kind"]: r for r in rows if r["section"] == "model"}
+    return {f"int4/{base}": {k: ratio(by["int4"][k], by[base][k]) for k in MODEL_KEYS}
+            for base in ("bf16", "fp8") if base in by and "int4" in by}
+
+
+def _model_note(r) -> str:
+    if "lora_overhead_pct" in r:
+        return f"{r['lora_overhead_pct']:+.1f} % LoRA overhead"
+    return r.get("error", "")
 
 
 def _model_table(rows) -> list:
-    keys = ("forward_ms", "host_ms", "peak_gib", "weights_gib")
-    cells = [(r["model"], *(_num(r[k], s) for k, s in zip(keys, (".1f", ".1f", ".3g", ".3g"))),
-              _num(r.get("lora_overhead_pct"), "+.1f") + (" %" if "lora_overhead_pct" in r else "")) for r in rows]
-    by = {r["model"]: r for r in rows}
-    if "bf16" in by and "int4" in by:
-        ratios = (None if by["int4"][k] is None else by["bf16"][k] / by["int4"][k] for k in keys)
-        cells.append(("bf16/int4", *(_num(v, ".2f") for v in ratios), ""))
-    return _table(("model", "forward ms", "host ms (call returned)", "peak GiB", "weights GiB", "LoRA overhead"),
-                  cells)
+    specs = (".1f", ".1f", ".3g", ".3g")
+    cells = [(r["model"], *(_num(r[k], s) for k, s in zip(MODEL_KEYS, specs)), _model_note(r), _run(r))
+             for r in rows]
+    cells += [(name, *(_num(v[k], ".2f") for k in MODEL_KEYS), "", _run(rows[0]))
+              for name, v in model_ratios(rows).items()]
+    return _table(("model", "forward ms", "host ms (call returned)", "peak GiB", "weights GiB", "note",
+                   "device · date"), cells)
 
 
 def _lora_lines(lora) -> list:
@@ -566,8 +780,104 @@ def _lora_lines(lora) -> list:
             f"{yes(lora['tensors_restored'])})."]
 
 
+# ---- issue 17's targets, read from the run's rows ----
+def _target(name, value, limit, measured, at_least=False) -> tuple:
+    """``(target, measured, met)``; ``value`` None (not measured in this run) gives "–"."""
+    if value is None:
+        return name, measured, "–"
+    return name, measured, "yes" if (value >= limit if at_least else value <= limit) else "no"
+
+
+def _pick(rows, section, **match) -> list:
+    return [r for r in rows if r["section"] == section and all(r.get(k) == v for k, v in match.items())]
+
+
+def _vs(r, other) -> str:
+    """"int4 µs / other µs = ratio×" of a linear row, or why there is no ratio."""
+    if r[f"{other}_us"] is None:
+        return f"int4 {_num(r['int4_us'])} µs; {other} not measured in this run"
+    return f"{_num(r['int4_us'])} / {_num(r[f'{other}_us'])} µs = {r[f'int4/{other}']:.2f}×"
+
+
+def _w4a4_targets(rows, m) -> list:
+    """At the lowest rank, no LoRA: each block shape at the large M against FP8 and at the mid M against
+    bf16; the K-split layer against bf16 (FP8 shown), and its bytes against bf16's."""
+    base = _pick(rows, "w4a4", loras=0)
+    base = [r for r in base if r["rank"] == min(x["rank"] for x in base)]
+    at = lambda r: f"{r['case']} {_shape(r)} M {r['M']}"  # noqa: E731
+    out = [_target(f"{at(r)}: int4 ≤ 1.25× FP8", r["int4/fp8"], 1.25, _vs(r, "fp8"))
+           for r in base if r["role"] == "shape" and r["M"] == m["big"]]
+    out += [_target(f"{at(r)}: int4 ≤ bf16", r["int4/bf16"], 1.0, _vs(r, "bf16"))
+            for r in base if r["role"] == "shape" and r["M"] == m["mid"]]
+    for r in (r for r in base if r["role"] == "ksplit"):
+        out += [_target(f"{at(r)}: int4 ≤ bf16", r["int4/bf16"], 1.0, f"{_vs(r, 'bf16')}; {_vs(r, 'fp8')}"),
+                _target(f"{at(r)}: weights ≤ 0.30× bf16", r["weights/bf16"], 0.30, f"{r['weights/bf16']:.3f}×")]
+    return out
+
+
+def _awq_targets(rows, small_m) -> list:
+    awq = _pick(rows, "awq")
+    out = [_target(f"AWQ M {r['M']} {r['K']}→{r['N']}: ≥ 60 % of the copy bandwidth", r["bw_pct"], 60,
+                   f"{_num(r['int4_us'])} µs; its {r['moved_bytes'] / 1e6:.1f} MB need {_num(r['bytes_us'])} µs at "
+                   f"{r['copy_gbps']:.0f} GB/s: {r['bw_pct']:.0f} %", at_least=True) for r in awq if r["M"] <= small_m]
+    if awq:
+        worst = max(awq, key=lambda r: r["int4/bf16"])
+        each = ", ".join(f"M {r['M']}: {r['int4/bf16']:.2f}" for r in awq)
+        out.append(_target("AWQ: int4 ≤ bf16 at every M", worst["int4/bf16"], 1.0, f"int4/bf16 {each}"))
+    return out
+
+
+def _model_targets(rows, lora) -> list:
+    ratios, by, out = model_ratios(rows), {r["kind"]: r for r in _pick(rows, "model")}, []
+    if "int4/bf16" in ratios:
+        t, w = ratios["int4/bf16"]["forward_ms"], ratios["int4/bf16"]["weights_gib"]
+        fp8 = ratios.get("int4/fp8", {}).get("forward_ms")
+        out += [_target("Qwen-Image forward: int4 ≤ 1.0× bf16 (goal 0.8×)", t, 1.0,
+                        f"{by['int4']['forward_ms']:.1f} / {by['bf16']['forward_ms']:.1f} ms = {t:.2f}× "
+                        f"(goal {'met' if t <= 0.8 else 'not met'}; int4/fp8 {_num(fp8, '.2f')}×)"),
+                _target("Qwen-Image weights: int4 ≤ 0.30× bf16", w, 0.30,
+                        f"{by['int4']['weights_gib']:.3g} / {by['bf16']['weights_gib']:.3g} GiB = {w:.3f}×")]
+    if "int4+lora" in by:
+        pct = by["int4+lora"]["lora_overhead_pct"]
+        out.append(_target(f"{by['int4+lora']['model']}: ≤ 5 % of the forward", pct, 5.0, f"{pct:+.1f} %"))
+    if lora:
+        out += [_target(f"LoRA load + patch on {lora['layers']} layers ≤ 1 s", lora["load_patch_s"], 1.0,
+                        f"{lora['load_patch_s']:.3g} s"),
+                _target(f"LoRA strength change on {lora['layers']} layers ≤ 0.5 s", lora["strength_change_s"], 0.5,
+                        f"{lora['strength_change_s']:.3g} s")]
+    return out
+
+
+def targets(result) -> list:
+    """``(target, measured, met)`` for every issue-17 target this run measured, each from its rows."""
+    rows, m = result["rows"], result["target_m"]
+    return _w4a4_targets(rows, m) + _awq_targets(rows, m["awq_small"]) + _model_targets(rows, result["lora"])
+
+
+def _note(result, sections, cpu, command) -> str:
+    note = [f"`{command}` ({result['suite']} suite, {result['seconds']:.0f} s)."]
+    if sections & {"awq", "w4a4"}:
+        note.append(f"Linears: median µs per call; on CUDA a CUDA graph of ≥{GRAPH_CALLS} calls replayed and timed "
+                    f"with CUDA events (graph), else CUDA events around each of ≥{MIN_EVENTS} calls (events); on the "
+                    f"CPU time.perf_counter; fewer repeats (≥ {MIN_REPEATS}) where they would take over "
+                    f"{TIME_CAP_S:.0f} s; the calls cycle through weight/input copies that together overflow twice "
+                    "the L2 cache; bf16 and FP8 of a shape are measured once for all its rows (q/k/v: one GEMM of "
+                    "all three members' rows). Ratios: int4's time over the other's (< 1: int4 faster)."
+                    + (" FP8 linears are timed on CUDA only." if cpu else ""))
+    if "awq" in sections:
+        note.append("AWQ bytes µs: the layer's stored tensors plus its bf16 input and output at the copy bandwidth "
+                    f"measured in this run (a {COPY_BYTES >> 20} MiB device copy on CUDA, read + write).")
+    if "model" in sections:
+        note.append(f"Model: median of {result['model_iters']} forwards after 2 warm-ups (perf_counter, "
+                    "synchronized); peak = max_memory_allocated during them; bf16, FP8 and int4 built one after "
+                    "the other, never resident together.")
+    if "lora" in sections:
+        note.append("LoRA steps: one run each (perf_counter, synchronized).")
+    return " ".join(note)
+
+
 def format_report(result, command="python -m comfy.quant bench") -> str:
-    """The report as a markdown section: a header line, one table per section, a note on the method."""
+    """The report as a markdown section: a header line, one table per section, the issue-17 targets, a note."""
     info, rows = result["info"], result["rows"]
     chosen = ", ".join(f"{k} {v}" for k, v in info["kernels"].items() if k != "mode")
     out = [f"## int4 benchmark: {info['device']}, {info['date']}", "",
@@ -587,18 +897,10 @@ def format_report(result, command="python -m comfy.quant bench") -> str:
                                                 _linear_table(part, not info["kernel_note"]))
     if result["lora"]:
         out += ["", f"### LoRA on the int4 model ({result['lora']['layers']} layers)", ""] + _lora_lines(result["lora"])
+    goals = targets(result)
+    if goals:
+        out += ["", f"### Issue 17 targets ({info['device']}, {info['date']}; every figure from the rows above)", ""]
+        out += _table(("target", "measured", "met"), goals)
     sections = {r["section"] for r in rows} | ({"lora"} if result["lora"] else set())
-    note = [f"`{command}` ({result['suite']} suite, {result['seconds']:.0f} s)."]
-    if sections & {"awq", "w4a4"}:
-        note.append(f"Linears: median µs per call; on CUDA a CUDA graph of ≥{GRAPH_CALLS} calls replayed and timed "
-                    f"with CUDA events (graph), else CUDA events around each of ≥{MIN_EVENTS} calls (events); on the "
-                    "CPU time.perf_counter; the calls cycle through weight/input copies that together overflow twice "
-                    "the L2 cache; bf16 and FP8 of a W4A4 shape are measured once for all its rows. Ratio > 1: int4 "
-                    "faster." + (" FP8 is timed on CUDA only." if info["capability"] == "n/a" else ""))
-    if "model" in sections:
-        note.append(f"Model: median of {result['model_iters']} forwards after 2 warm-ups (perf_counter, "
-                    "synchronized); peak = max_memory_allocated during them.")
-    if "lora" in sections:
-        note.append("LoRA steps: one run each (perf_counter, synchronized).")
-    out += ["", " ".join(note)]
+    out += ["", _note(result, sections, info["capability"] == "n/a", command)]
     return "\n".join(out) + "\n"
