@@ -38,12 +38,15 @@ class LowRankDelta:
     """``ΔW = up @ down`` (strength already folded into ``up``), fp32, for a whole layer or a slice.
 
     ``offset = (dim, start, length)`` places the delta on rows (dim 0) or columns (dim 1) of a fused
-    weight; ``up``/``down`` then have the slice's size on that axis.
+    weight; ``up``/``down`` then have the slice's size on that axis. ``down_key`` (hashable, or None) is
+    equal for deltas whose full ``down`` is the same tensor (one ``lora_A`` patching q, k and v), so a
+    format that stacks downs for a share group appends it once.
     """
 
     up: torch.Tensor
     down: torch.Tensor
     offset: tuple[int, int, int] | None = None
+    down_key: object = None
 
     @property
     def rank(self) -> int:

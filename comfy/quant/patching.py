@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import weakref
 
 import torch
 
@@ -239,8 +240,32 @@ def _values_problem(tensors, bound, strength, width) -> str | None:
     return None
 
 
+# id(tensor) -> (weakref to it, its version, its max |value|): a LoRA's tensors are scanned once, not again on
+# every strength change (each is a new clone whose add_patches checks the same tensors: on a 1 GiB LoRA a CPU
+# pass over every factor per change). An entry leaves with its tensor.
+_AMAX: dict = {}
+
+
+def _version(t):
+    """``t``'s in-place write counter; None for an inference tensor (it keeps none: such a tensor is written only
+    inside inference mode, and no loader writes a LoRA's tensors after reading them)."""
+    return None if t.is_inference() else t._version
+
+
 def _amax(t) -> float:
-    """max |t| (NaN when ``t`` holds a NaN); 0 for tensors without values (meta, empty)."""
+    """max |t| (NaN when ``t`` holds a NaN); 0 for tensors without values (meta, empty). Remembered per tensor
+    until it is written in place (``_AMAX``)."""
+    hit = _AMAX.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == _version(t):
+        return hit[2]
+    m = _scan_amax(t)
+    key = id(t)
+    ref = weakref.ref(t, lambda r, key=key: _AMAX.pop(key) if _AMAX.get(key, (None,))[0] is r else None)
+    _AMAX[key] = (ref, _version(t), m)
+    return m
+
+
+def _scan_amax(t) -> float:
     if t.device.type == "meta" or t.numel() == 0 or t.dtype == torch.bool:
         return 0.0
     t = t.detach()
@@ -373,13 +398,15 @@ def _delta_shape(adapter) -> tuple | None:
     return None if shape_fn is None else tuple(int(v) for v in shape_fn(adapter.weights, lambda t: 0.0)[0])
 
 
-def _on_device(adapter, device):
+def _on_device(adapter, device, moved=None):
     """``adapter`` with its factor tensors on ``device``, moved in their stored dtype.
 
     A LoRA file is loaded on the CPU; converting its factors to fp32 there and copying fp32 to the
     GPU costs twice the bytes and a CPU pass per layer (most of a LoRA load on a large model). Both
     hosts' adapters are ``cls(loaded_keys, weights)`` with the tensors in ``weights``; 0-d tensors
-    (alpha) stay where they are, so reading them needs no device sync.
+    (alpha) stay where they are, so reading them needs no device sync. ``moved`` (``{id(tensor): copy}``,
+    kept by the caller while the tensors live) copies a tensor that several adapters hold (one
+    ``lora_A`` patching q, k and v) once.
     """
     weights = getattr(adapter, "weights", None)
     if device is None or device.type == "cpu" or not isinstance(weights, tuple):
@@ -387,23 +414,48 @@ def _on_device(adapter, device):
     moving = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.device != device for t in weights]
     if not any(moving):
         return adapter
-    moved = tuple(t.to(device, non_blocking=True) if m else t for t, m in zip(weights, moving))
-    return type(adapter)(adapter.loaded_keys, moved)
+    moved = {} if moved is None else moved
+    copies = []
+    for t, m in zip(weights, moving):
+        if m and id(t) not in moved:
+            moved[id(t)] = t.to(device, non_blocking=True)
+        copies.append(moved[id(t)] if m else t)
+    return type(adapter)(adapter.loaded_keys, tuple(copies))
 
 
-def deltas_of(patch_list, weight) -> list:
+def _identity(t) -> tuple:
+    """Equal for tensors that are the same memory read the same way (a tensor without storage: itself)."""
+    where = t.data_ptr() or id(t)
+    return where, tuple(t.shape), t.stride(), t.dtype, t.device
+
+
+def _down_key(adapter, offset):
+    """``LowRankDelta.down_key`` of a LoRA adapter's full down factor: its ``lora_down`` (and ``lora_mid``)
+    tensors, plus a column offset (which embeds the down in zeros); None for other adapters."""
+    weights = getattr(adapter, "weights", None)
+    if getattr(adapter, "name", None) != "lora" or not isinstance(weights, tuple) or len(weights) < 4:
+        return None
+    if not all(t is None or isinstance(t, torch.Tensor) for t in (weights[1], weights[3])):
+        return None
+    mid = None if weights[3] is None else _identity(weights[3])
+    cols = tuple(offset) if offset is not None and offset[0] == 1 else None
+    return _identity(weights[1]), mid, cols
+
+
+def deltas_of(patch_list, weight, moved=None) -> list:
     """The ``LowRankDelta`` / ``DenseDelta`` list (fp32, strength applied) for one key's patches,
-    computed on ``weight``'s device."""
+    computed on ``weight``'s device (``moved``: see ``_on_device``; one dict for a whole share group)."""
     out = []
     for strength, adapter, _strength_model, offset, _function in patch_list:
         if isinstance(adapter, (tuple, list)):  # ("diff", (tensor,))
             out.append(D.DenseDelta(adapter[1][0].to(weight.device).float() * strength, offset))
             continue
-        adapter = _on_device(adapter, weight.device)
+        key = _down_key(adapter, offset)
+        adapter = _on_device(adapter, weight.device, moved)
         low = adapter.low_rank()
         if low is not None:
             up, down, scale = low
-            out.append(D.LowRankDelta(up.float() * (strength * scale), down.float(), offset))
+            out.append(D.LowRankDelta(up.float() * (strength * scale), down.float(), offset, key))
         else:
             out.append(D.DenseDelta(adapter.delta_weight(_target_shape(weight, offset)).float() * strength, offset))
     return out
@@ -466,11 +518,11 @@ def patch_weight(model, key, patches, backup, device_to=None) -> None:
     bases = {k: _base(backup, k, m) for k, m in group}
     fmt = formats.format_of(bases[key])
     fn = None if device_to is None else (lambda t: t.to(device_to))
-    members = []
+    members, moved = [], {}
     for k, m in group:
         base = bases[k]
         m.weight = base if fn is None else move_weight(base, fn)
-        members.append((m, deltas_of(patches.get(k, ()), m.weight)))
+        members.append((m, deltas_of(patches.get(k, ()), m.weight, moved)))
     try:
         fmt.apply_deltas(members)
     except BaseException:  # nothing is left half-patched, whatever stopped it (^C included); re-raised

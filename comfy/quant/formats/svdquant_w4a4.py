@@ -2,7 +2,16 @@
 
 A LoRA is appended to the low-rank branch (``proj_down ← [proj_down | Aᵀ]``, ``proj_up ← [proj_up | s·B]``),
 which adds exactly ``s·(x Aᵀ) Bᵀ`` with no extra kernel. Siblings sharing one activation quantization
-(q/k/v) get the same stacked ``proj_down`` and zero-padded ``proj_up`` columns, so sharing survives.
+(q/k/v) keep sharing it: they get ONE stacked ``proj_down = [base | member 0's LoRA columns | member 1's |
+...]`` (a down factor several members share, e.g. one ``lora_A`` of a fused-qkv LoRA, appears once), so
+``x @ proj_down`` runs once per group, and each member a compact ``proj_up`` of only its own columns,
+``(N, R0 + R1)``: the base rank (columns ``[0, R0)`` of ``x @ proj_down``) and its LoRA's (columns
+``[C1, C1 + R1)``). Its weight's params carry ``lora_cols = (R0, C1)`` (``ColumnMappedParams``); the
+project's GEMMs read the two column segments directly, so no member multiplies its siblings' ranks.
+Kitchen's kernels know no column map: on that path (and in a saved state dict) a member's ``proj_up`` is
+widened to all of ``proj_down``'s columns with zeros for its siblings' (``kitchen_view``), per call, so
+no zero-padded copy stays resident. A member whose columns are the whole tail of ``proj_down`` (a lone
+layer, or the only LoRA'd member of its group) gets no map and is a plain kitchen weight.
 
 Input-split (K-split) layers. A layer whose input is the concatenation of parts with different
 activation signedness (Flux's single-block ``linear2``: the attention output, signed, then the GELU
@@ -79,6 +88,55 @@ def input_split(qt) -> InputSplit | None:
     """The ``InputSplit`` of an SVDQuant weight, or None for a layer of one signedness."""
     au = qt._params.act_unsigned
     return au if isinstance(au, InputSplit) else None
+
+
+_KITCHEN_PARAMS = getattr(kitchen.layout_class(kitchen.SVDQUANT_LAYOUT), "Params", None)
+
+if _KITCHEN_PARAMS is not None:
+    @dataclasses.dataclass(frozen=True)
+    class ColumnMappedParams(_KITCHEN_PARAMS):
+        """Kitchen's SVDQuant params plus ``lora_cols = (R0, C1)``: ``proj_up`` is compact, its first R0
+        columns meet columns ``[0, R0)`` of ``x @ proj_down`` and the rest columns ``[C1, ...)``. A subclass
+        field, so it travels through every kitchen move and copy (they rebuild ``type(params)`` from all
+        fields) and through ``dataclasses.replace``."""
+
+        lora_cols: tuple[int, int] | None = None
+else:  # kitchen missing: no SVDQuant weight can exist
+    ColumnMappedParams = None
+
+
+def lora_columns(qt) -> tuple[int, int] | None:
+    """``(R0, C1)`` of a share-group member with a compact ``proj_up`` (see the module docstring), else None."""
+    return getattr(qt._params, "lora_cols", None)
+
+
+def _params_with(p, lora_cols, **changes):
+    """``p`` with ``changes``, as plain kitchen params (``lora_cols`` None) or column-mapped ones."""
+    fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(_KITCHEN_PARAMS)}
+    fields.update(changes)
+    return _KITCHEN_PARAMS(**fields) if lora_cols is None else ColumnMappedParams(**fields, lora_cols=lora_cols)
+
+
+def widened_proj_up(qt) -> torch.Tensor:
+    """A column-mapped member's ``proj_up`` over all of ``proj_down``'s columns: its own columns where the map
+    puts them, zeros for its siblings' (what kitchen's kernels and a saved file expect)."""
+    p = qt._params
+    r0, c1 = lora_columns(qt)
+    up = p.proj_up
+    n, own = up.shape[0], up.shape[1] - r0
+    zero = up.new_zeros(())  # stride-0 zeros: one small concatenation, no zero-filled buffer first
+    return torch.cat([up[:, :r0], zero.expand(n, c1 - r0), up[:, r0:],
+                      zero.expand(n, p.proj_down.shape[1] - c1 - own)], 1)
+
+
+def kitchen_view(qt):
+    """``qt`` as kitchen's kernels can run it: a column-mapped member with its ``proj_up`` widened (a new
+    tensor per call: kitchen is the path of devices without the project's kernels, and this keeps no
+    zero-padded copy resident); any other weight as it is."""
+    if lora_columns(qt) is None:
+        return qt
+    params = _params_with(qt._params, None, proj_up=widened_proj_up(qt))
+    return kitchen.QuantizedTensor(qt._qdata, qt._layout_cls, params)
 
 
 class SVDQuantW4A4(QuantFormat):
@@ -170,9 +228,12 @@ class SVDQuantW4A4(QuantFormat):
                                  if "in_splits" in conf else conf["act_unsigned"])}
 
     def state_dict(self, qt):
+        """The stored tensors; a column-mapped member writes its widened ``proj_up`` (a file holds no column
+        map: loaded again, the layer computes the same function with its siblings' columns as zeros)."""
         p = qt._params
+        proj_up = p.proj_up if lora_columns(qt) is None else widened_proj_up(qt)
         return {"weight": qt._qdata, "weight_scale": p.scale, "weight_proj_down": p.proj_down,
-                "weight_proj_up": p.proj_up, "weight_smooth_factor": p.smooth_factor}
+                "weight_proj_up": proj_up, "weight_smooth_factor": p.smooth_factor}
 
     def share_key(self, qt):
         """Equal for weights on the same smoothing and ``proj_down`` tensors with the same signedness; an
@@ -185,7 +246,8 @@ class SVDQuantW4A4(QuantFormat):
     def forward(self, x, qt, bias):
         kernel = kernels.w4a4_kernel(x.device)
         if kernel is not None and kernel.supports(x, qt):
-            return kernel.linear(x, qt, bias)  # runs input-split layers natively
+            return kernel.linear(x, qt, bias)  # runs input-split layers and column maps natively
+        qt = kitchen_view(qt)
         if input_split(qt) is not None:
             return self._split_forward(x, qt, bias)
         return super().forward(x, qt, bias)
@@ -198,7 +260,8 @@ class SVDQuantW4A4(QuantFormat):
             return [self.forward(x, w, b) for w, b in zip(weights, biases)]
         # callers check share_key on the resident weights; copies moved to x's device for this call
         # hold equal but distinct tensors, so kitchen is told to trust that check
-        return kitchen.kitchen_tensor.svdquant_w4a4_grouped_linear(x, weights, biases, assume_shared_quant=True)
+        return kitchen.kitchen_tensor.svdquant_w4a4_grouped_linear(x, [kitchen_view(w) for w in weights], biases,
+                                                                   assume_shared_quant=True)
 
     def _part(self, qt, start: int, stop: int, unsigned: bool):
         """A plain kitchen weight for input columns ``start:stop`` of ``qt``: its codes (a contiguous copy:
@@ -250,35 +313,77 @@ class SVDQuantW4A4(QuantFormat):
                 "relative error, else exact dense output term")
 
     def apply_deltas(self, members):
-        factors = []  # (member index, up (N_i, r), down (r, K))
-        dense = {}
-        for i, (module, deltas) in enumerate(members):
-            n, k = module.weight.shape
-            for d in deltas:
-                if isinstance(d, D.DenseDelta):
-                    low = D.truncate_to_low_rank(d, module.quant_layer_name, DENSE_MAX_RANK, DENSE_REL_TOL)
-                    if low is None:
-                        dense.setdefault(i, []).append(d)
-                        continue
-                    d = low
-                up, down = d.full_factors(n, k)
-                factors.append((i, up, down))
-        if factors:
-            base = members[0][0].weight._params
-            dev, dt = base.proj_down.device, base.proj_down.dtype
-            downs = torch.cat([down for _, _, down in factors], 0).t().to(device=dev, dtype=dt)
-            proj_down = torch.cat([base.proj_down, downs], 1)
-            for i, (module, _) in enumerate(members):
-                qt = module.weight
-                n = qt.shape[0]
-                ups = [up if j == i else up.new_zeros(n, up.shape[1]) for j, up, _ in factors]
-                proj_up = torch.cat([qt._params.proj_up, torch.cat(ups, 1).to(device=dev, dtype=dt)], 1)
-                params = dataclasses.replace(qt._params, proj_down=proj_down, proj_up=proj_up)
-                module.weight = D.as_parameter(kitchen.QuantizedTensor(qt._qdata, self.layout, params),
-                                                   D.output_terms(qt))
+        low, dense = self._low_rank_factors(members)
+        if any(low):
+            self._append_columns(members, low)
         for i, ds in dense.items():
             module = members[i][0]
             qt = module.weight
             n, k = qt.shape
             w = D.summed_dense(ds, n, k).to(device=qt._qdata.device, dtype=self.compute_dtype(qt))
             module.weight = D.as_parameter(qt, (*D.output_terms(qt), D.DenseOutput(w)))
+
+    @staticmethod
+    def _low_rank_factors(members):
+        """Per member ``[(up (N, r), down (r, K), down_key)]`` (dense deltas SVD-truncated where they allow)
+        and ``{member index: [dense deltas kept exact]}``."""
+        low, dense = [], {}
+        for i, (module, deltas) in enumerate(members):
+            n, k = module.weight.shape
+            mine = []
+            for d in deltas:
+                if isinstance(d, D.DenseDelta):
+                    truncated = D.truncate_to_low_rank(d, module.quant_layer_name, DENSE_MAX_RANK, DENSE_REL_TOL)
+                    if truncated is None:
+                        dense.setdefault(i, []).append(d)
+                        continue
+                    d = truncated
+                mine.append((*d.full_factors(n, k), d.down_key))
+            low.append(mine)
+        return low, dense
+
+    def _append_columns(self, members, low):
+        """One shared ``proj_down = [base | appended downs]`` (a down with a ``down_key`` seen before is not
+        appended again) and each member's compact ``proj_up`` over its own columns."""
+        base = members[0][0].weight._params
+        dev, dt = base.proj_down.device, base.proj_down.dtype
+        r0 = base.proj_down.shape[1]
+        starts, downs, uses, end = {}, [], [], r0
+        for mine in low:
+            used = []
+            for up, down, key in mine:
+                start = starts.get(key) if key is not None else None
+                if start is None:
+                    start, end = end, end + down.shape[0]
+                    downs.append(down)
+                    if key is not None:
+                        starts[key] = start
+                used.append((start, up))
+            uses.append(used)
+        proj_down = torch.cat([base.proj_down, torch.cat(downs, 0).t().to(device=dev, dtype=dt)], 1)
+        for (module, _), used in zip(members, uses):
+            qt = module.weight
+            proj_up, cols = _compact_up(qt._params.proj_up, used, r0, end, dt)
+            params = _params_with(qt._params, cols, proj_down=proj_down, proj_up=proj_up)
+            module.weight = D.as_parameter(kitchen.QuantizedTensor(qt._qdata, self.layout, params),
+                                           D.output_terms(qt))
+
+
+def _compact_up(base_up, used, r0: int, end: int, dt):
+    """``(proj_up, lora_cols)`` of one member: ``[base_up | its LoRA columns]`` and where those sit in the shared
+    ``proj_down`` (``used = [(start column, up (N, r) fp32)]``). Its columns are the span from its first to
+    its last one; a sibling's down inside that span (a rare overlap of shared downs) gets zeros, and ups of
+    one shared down add in fp32 before the one rounding to the compute dtype. None for a map that is the
+    plain layout (its columns are all of proj_down's tail)."""
+    if not used:
+        return base_up, (None if end == r0 else (r0, r0))
+    used = sorted(used, key=lambda su: su[0])
+    lo, hi = used[0][0], max(s + up.shape[1] for s, up in used)
+    if all(s == (lo if j == 0 else used[j - 1][0] + used[j - 1][1].shape[1]) for j, (s, _) in enumerate(used)):
+        own = torch.cat([up for _, up in used], 1) if len(used) > 1 else used[0][1]
+    else:
+        own = used[0][1].new_zeros(used[0][1].shape[0], hi - lo)
+        for s, up in used:
+            own[:, s - lo:s - lo + up.shape[1]] += up
+    proj_up = torch.cat([base_up, own.to(device=base_up.device, dtype=dt)], 1)
+    return proj_up, (None if lo == r0 and hi == end else (r0, lo))

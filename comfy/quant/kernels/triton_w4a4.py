@@ -244,14 +244,23 @@ def _scaled_add(acc, d, sa, sw, MAGIC_FMA: tl.constexpr):
 
 
 @triton.jit
-def _low_rank(acc, la_ptr, up_ptr, rm, rn_in, M, R, stride_la, stride_up, R_BLOCKS: tl.constexpr,
-              DOT_F32: tl.constexpr, SWAP: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``acc + lora_act @ proj_upᵀ`` on the tensor cores in the compute dtype (fp32 accumulation)."""
+def _low_rank(acc, la_ptr, up_ptr, rm, rn_in, M, R, R0, C1, stride_la, stride_up, R_BLOCKS: tl.constexpr,
+              SEG_ALIGNED: tl.constexpr, DOT_F32: tl.constexpr, SWAP: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``acc + lora_act[:, cols] @ proj_upᵀ`` on the tensor cores in the compute dtype (fp32 accumulation).
+
+    ``proj_up`` is this layer's compact (N, R): its column r meets ``lora_act`` column r when r < R0 (the base
+    rank) and r - R0 + C1 otherwise (its own LoRA columns of a low-rank input shared with q/k/v siblings);
+    R0 = R, C1 = 0 is the plain branch. SEG_ALIGNED (R0 a multiple of BLOCK_R, or R0 >= R): no block straddles
+    R0, so the column offset is one scalar per block and the loads stay contiguous."""
     rr = tl.arange(0, BLOCK_R)
     for rb in range(0, R_BLOCKS):
         r0 = rb * BLOCK_R
         rmask = (r0 + rr) < R
-        la = tl.load(la_ptr + rm[:, None] * stride_la + (r0 + rr)[None, :], mask=(rm < M)[:, None] & rmask[None, :],
+        if SEG_ALIGNED:
+            cols = tl.where(r0 < R0, r0, r0 - R0 + C1) + rr
+        else:
+            cols = tl.where(r0 + rr < R0, r0 + rr, r0 + rr - R0 + C1)
+        la = tl.load(la_ptr + rm[:, None] * stride_la + cols[None, :], mask=(rm < M)[:, None] & rmask[None, :],
                      other=0.0)
         up = tl.load(up_ptr + rn_in[:, None] * stride_up + (r0 + rr)[None, :], mask=rmask[None, :], other=0.0)
         if DOT_F32:  # Triton's interpreter multiplies bf16 as raw bits; products of halves are exact in fp32
@@ -288,9 +297,10 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.conste
 
 @triton.jit
 def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
-                 M, N, M_pad, R, stride_la, stride_up, stride_ym,
-                 K: tl.constexpr, R_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC_FMA: tl.constexpr,
-                 DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, PIPE: tl.constexpr,
+                 M, N, M_pad, R, R0, C1, stride_la, stride_up, stride_ym,
+                 K: tl.constexpr, R_BLOCKS: tl.constexpr, SEG_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 MAGIC_FMA: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr,
+                 PIPE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -317,7 +327,8 @@ def _gemm_kernel(q_ptr, as_ptr, w_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
                                    BLOCK_M, BLOCK_N)
             acc = _scaled_add(acc, d, sa, sw, MAGIC_FMA)
 
-    acc = _low_rank(acc, la_ptr, up_ptr, rm, rn_in, M, R, stride_la, stride_up, R_BLOCKS, DOT_F32, SWAP, BLOCK_R)
+    acc = _low_rank(acc, la_ptr, up_ptr, rm, rn_in, M, R, R0, C1, stride_la, stride_up, R_BLOCKS, SEG_ALIGNED,
+                    DOT_F32, SWAP, BLOCK_R)
     _store(acc, bias_ptr, y_ptr, rm, rn, rn_in, M, N, stride_ym, HAS_BIAS, SWAP)
 
 
@@ -346,10 +357,10 @@ def _fp8_group(a_desc, w_desc, as_ptr, ws_ptr, m0, n0, rm, rn_in, g, N, M_pad, A
 
 @triton.jit
 def _gemm_fp8_kernel(a_desc, w_desc, as_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y_ptr,
-                     M, N, M_pad, R, stride_la, stride_up, stride_ym,
-                     K: tl.constexpr, R_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
-                     ASM: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+                     M, N, M_pad, R, R0, C1, stride_la, stride_up, stride_ym,
+                     K: tl.constexpr, R_BLOCKS: tl.constexpr, SEG_ALIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     DOT_F32: tl.constexpr, ASM: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """The W4A4 GEMM on the FP8 tensor cores: e4m3 activation codes and e4m3 weight codes (converted from the
     stored nibbles in registers), both tiles fetched by TMA; per group ``acc += a·(w·D)`` in fp32."""
     pid_m, pid_n = _tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -362,7 +373,8 @@ def _gemm_fp8_kernel(a_desc, w_desc, as_ptr, ws_ptr, la_ptr, up_ptr, bias_ptr, y
     for g in range(0, K // 64):
         d, sa, sw = _fp8_group(a_desc, w_desc, as_ptr, ws_ptr, m0, n0, rm, rn_in, g, N, M_pad, ASM, SWAP, DOT_F32)
         acc = tl.fma(d * sw, sa, acc)
-    acc = _low_rank(acc, la_ptr, up_ptr, rm, rn_in, M, R, stride_la, stride_up, R_BLOCKS, DOT_F32, SWAP, BLOCK_R)
+    acc = _low_rank(acc, la_ptr, up_ptr, rm, rn_in, M, R, R0, C1, stride_la, stride_up, R_BLOCKS, SEG_ALIGNED,
+                    DOT_F32, SWAP, BLOCK_R)
     _store(acc, bias_ptr, y_ptr, rm, rn, rn_in, M, N, stride_ym, HAS_BIAS, SWAP)
 
 
@@ -499,24 +511,46 @@ def _config(m: int, n: int, device) -> dict:
     return dict(tile, BLOCK_R=32, GROUP_M=8, num_warps=4, num_stages=3 if m > 1024 else 4, SWAP=True, PIPE=True)
 
 
+def low_rank_columns(lora_act: torch.Tensor | None, proj_up: torch.Tensor,
+                     lora_cols: tuple[int, int] | None) -> tuple[int, int, int]:
+    """``(R, R0, C1)`` of a GEMM's low-rank branch: ``proj_up``'s R (compact) columns, of which the first R0
+    meet ``lora_act`` columns ``[0, R0)`` (the base rank) and the rest its columns ``[C1, C1 + R - R0)`` (the
+    layer's own LoRA columns in a low-rank input shared by q/k/v; ``lora_cols = (R0, C1)``). None: the plain
+    branch, every column in order, so ``proj_up`` must be exactly as wide as ``lora_act`` (a column map lost
+    on the way would otherwise read a sibling's LoRA columns without a word). (0, 0, 0) without a branch."""
+    if lora_act is None or proj_up.shape[1] == 0:
+        return 0, 0, 0
+    rank, width = proj_up.shape[1], lora_act.shape[1]
+    r0, c1 = (rank, 0) if lora_cols is None else (int(lora_cols[0]), int(lora_cols[1]))
+    if (lora_cols is None and rank != width) or not (0 <= r0 <= min(rank, width) and 0 <= c1
+                                                     and c1 + rank - r0 <= width):
+        raise ValueError(f"low-rank branch: proj_up has {rank} columns, lora_act {width}, column map "
+                         f"{lora_cols}: the columns do not lie inside lora_act")
+    return rank, r0, c1
+
+
 def gemm(q: torch.Tensor, ascales: torch.Tensor, m: int, weight: torch.Tensor, wscales: torch.Tensor,
          lora_act: torch.Tensor | None, proj_up: torch.Tensor, bias: torch.Tensor | None,
-         out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
-    """``(M, N)`` output of the int4 GEMM on quantized activations plus the low-rank branch and bias."""
+         out_dtype: torch.dtype, config: dict | None = None,
+         lora_cols: tuple[int, int] | None = None) -> torch.Tensor:
+    """``(M, N)`` output of the int4 GEMM on quantized activations plus the low-rank branch and bias.
+    ``lora_cols = (R0, C1)``: ``proj_up`` is compact, see ``low_rank_columns``."""
     if q.dtype == torch.float8_e4m3fn:
-        return gemm_fp8(q, ascales, m, weight, wscales, lora_act, proj_up, bias, out_dtype, config)
+        return gemm_fp8(q, ascales, m, weight, wscales, lora_act, proj_up, bias, out_dtype, config,
+                        lora_cols=lora_cols)
     n, k = weight.shape[0], weight.shape[1] * 2
     m_pad = q.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=q.device)
-    rank = 0 if lora_act is None else lora_act.shape[1]
+    rank, r0, c1 = low_rank_columns(lora_act, proj_up, lora_cols)
     cfg = dict(_config(m, n, q.device) if config is None else config)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     la = lora_act if rank else y
     up = proj_up if rank else y
     _launcher(_gemm_kernel, q.device)[grid](
         q, ascales, weight, wscales, la, up, y if bias is None else bias, y,
-        m, n, m_pad, rank, la.stride(0), up.stride(0), y.stride(0),
-        K=k, R_BLOCKS=triton.cdiv(rank, cfg["BLOCK_R"]), HAS_BIAS=bias is not None,
+        m, n, m_pad, rank, r0, c1, la.stride(0), up.stride(0), y.stride(0),
+        K=k, R_BLOCKS=triton.cdiv(rank, cfg["BLOCK_R"]), SEG_ALIGNED=r0 % cfg["BLOCK_R"] == 0 or r0 >= rank,
+        HAS_BIAS=bias is not None,
         MAGIC_FMA=cfg.pop("MAGIC_FMA", not INTERPRETED), ASM=cfg.pop("ASM", not INTERPRETED),
         SWAP=cfg.pop("SWAP", False), PIPE=cfg.pop("PIPE", False), DOT_F32=INTERPRETED, **cfg)
     return y
@@ -535,13 +569,25 @@ FP8_CONFIG_SMALL = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=32, GROUP_M=8, num_warp
 
 def gemm_fp8(q: torch.Tensor, ascales: torch.Tensor, m: int, weight: torch.Tensor, wscales: torch.Tensor,
              lora_act: torch.Tensor | None, proj_up: torch.Tensor, bias: torch.Tensor | None,
-             out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
-    """``gemm`` on e4m3 activation codes (``quantize(..., codes=torch.float8_e4m3fn)``): the FP8 tensor cores."""
+             out_dtype: torch.dtype, config: dict | None = None,
+             lora_cols: tuple[int, int] | None = None) -> torch.Tensor:
+    """``gemm`` on e4m3 activation codes (``quantize(..., codes=torch.float8_e4m3fn)``): the FP8 tensor cores,
+    through the warp-specialized Gluon kernel where ``WARP_SPECIALIZED`` is on and it takes the call (no
+    ``config``: that is this kernel's), else this module's kernel. Both compute the same function."""
     from triton.tools.tensor_descriptor import TensorDescriptor  # Triton >= 3.4 (gemm_codes checks the version)
+
+    if WARP_SPECIALIZED and config is None:
+        from comfy.quant.kernels import gluon_w4a4
+        if gluon_w4a4.takes(q, weight, wscales):
+            try:
+                return gluon_w4a4.gemm(q, ascales, m, weight, wscales, lora_act, proj_up, bias, out_dtype,
+                                       lora_cols=lora_cols)
+            except gluon_w4a4.COMPILE_ERRORS as e:  # a Triton whose Gluon moved: this kernel from now on
+                gluon_w4a4.refuse(e)
 
     n, k = weight.shape[0], weight.shape[1] * 2
     y = torch.empty(m, n, dtype=out_dtype, device=q.device)
-    rank = 0 if lora_act is None else lora_act.shape[1]
+    rank, r0, c1 = low_rank_columns(lora_act, proj_up, lora_cols)
     cfg = dict(_fp8_config(m, n, q.device) if config is None else config)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     a_desc = TensorDescriptor.from_tensor(q, [bm, 32])
@@ -551,8 +597,9 @@ def gemm_fp8(q: torch.Tensor, ascales: torch.Tensor, m: int, weight: torch.Tenso
     up = proj_up if rank else y
     _launcher(_gemm_fp8_kernel, q.device)[grid](
         a_desc, w_desc, ascales, wscales, la, up, y if bias is None else bias, y,
-        m, n, q.shape[0], rank, la.stride(0), up.stride(0), y.stride(0),
-        K=k, R_BLOCKS=triton.cdiv(rank, cfg["BLOCK_R"]), HAS_BIAS=bias is not None, DOT_F32=INTERPRETED,
+        m, n, q.shape[0], rank, r0, c1, la.stride(0), up.stride(0), y.stride(0),
+        K=k, R_BLOCKS=triton.cdiv(rank, cfg["BLOCK_R"]), SEG_ALIGNED=r0 % cfg["BLOCK_R"] == 0 or r0 >= rank,
+        HAS_BIAS=bias is not None, DOT_F32=INTERPRETED,
         ASM=cfg.pop("ASM", not INTERPRETED), SWAP=cfg.pop("SWAP", False), **cfg)
     return y
 
@@ -563,6 +610,7 @@ MAX_FUSED_RANK = 256  # the fused activation pass keeps (BLOCK_M, rank) fp32 sum
 # then they run where called directly (tests, the bench script).
 FP8_GEMM = False
 FUSED_ACTIVATION = False
+WARP_SPECIALIZED = False  # gemm_fp8 through gluon_w4a4 (Hopper, Triton 3.6's Gluon)
 
 
 def gemm_codes(device: torch.device) -> torch.dtype:
@@ -614,7 +662,9 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
 
 def grouped_linear(x: torch.Tensor, weights, biases) -> list[torch.Tensor]:
     """One output per weight; the weights share ``smooth_factor``, ``proj_down`` and ``act_unsigned``
-    (the caller checked), so the activation is quantized once and the low-rank input computed once.
+    (the caller checked), so the activation is quantized once and the low-rank input computed once. A
+    weight whose LoRA columns sit among its siblings' (its ``lora_cols``) reads only its own: base rank and
+    its LoRA's columns of that one low-rank input, against its compact ``proj_up``.
     An input-split weight's parts are quantized each with its own signedness; the GEMM, the low-rank
     branch (on the whole raw input) and the bias run once over the whole K."""
     _, _, proj_down, _, smooth, parts = _side(weights[0])
@@ -633,6 +683,7 @@ def grouped_linear(x: torch.Tensor, weights, biases) -> list[torch.Tensor]:
     outs = []
     for w, b in zip(weights, biases):
         qd, wscales, _, proj_up, _, _ = _side(w)
-        y = gemm(q, s, x2.shape[0], qd, wscales, la, proj_up, b, x.dtype)
+        y = gemm(q, s, x2.shape[0], qd, wscales, la, proj_up, b, x.dtype,
+                 lora_cols=getattr(w._params, "lora_cols", None))
         outs.append(y.reshape(*lead, qd.shape[0]))
     return outs
