@@ -210,48 +210,145 @@ def _stored(module):
     return format_of(module.weight).state_dict(module.weight)
 
 
+AWQ_GEMV = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4)
+# every code path of the two AWQ kernels, at tiles that run quickly under the interpreter
+AWQ_VARIANTS = {
+    "gemv rows 8": dict(AWQ_GEMV, BLOCK_M=8, num_warps=2),
+    "gemv xsum by reduction": dict(AWQ_GEMV, XSUM_MMA=False, SPLIT_K=2),
+    "gemv rounded weight": dict(AWQ_GEMV, EXACT=False, SPLIT_K=3),
+    "gemm": dict(GEMM=True, BLOCK_M=16, BLOCK_N=32, num_warps=4, GROUP_M=2),
+    "gemm xsum by reduction": dict(GEMM=True, BLOCK_M=32, BLOCK_N=32, num_warps=4, XSUM_MMA=False),
+    "gemm rounded weight": dict(GEMM=True, BLOCK_M=32, BLOCK_N=64, num_warps=4, EXACT=False),
+}
+
+
+def _awq_case(n, k, group, dtype, m, seed):
+    t = _on_device(awq_tensors(n, k, group_size=group, dtype=dtype, seed=seed))
+    return t, _input(m, k, dtype, False, seed=seed + 1)
+
+
+def _awq_reference(t, x, group, scale=None):
+    """float64 y and the bound's two magnitudes: Σ|x|(|q − 8||s| + |z|) (the exact kernels apply scale and
+    zero point separately) and Σ|x||W| (a kernel that rounds W meets x once per weight)."""
+    w = awq_weight(t if scale is None else dict(t, weight_scale=scale), group)
+    bias = t["bias"].double()
+    mag_dense = x.double().abs() @ w.abs().t() + bias.abs()
+    return x.double() @ w.t() + bias, awq_magnitude(t, x, group) + bias.abs(), mag_dense
+
+
+def _awq_tolerance(cfg, ref, mag_split, mag_dense, dtype, k, group, split):
+    """The derived bound of the configuration's arithmetic: exact (weight never rounded, per-group fp32
+    promotion; ``awq_kernel_tolerance``) or the rounded weight meeting x on the tensor cores over all of K
+    (each dequantized operand rounded once, fp32 accumulation: ``kernel_tolerance``, kitchen's bound)."""
+    if cfg.get("EXACT", True):
+        return awq_kernel_tolerance(ref, mag_split, dtype, k, group, split)
+    return kernel_tolerance(mag_dense, dtype, k)
+
+
+def _awq_run(t, x, group, cfg):
+    return AWQ.gemv(x, t["weight"], t["weight_scale"], t["weight_zeros"], group, t["bias"], config=dict(cfg))
+
+
+def _assert_awq_bound_and_control(y, t, x, group, cfg, dtype, split):
+    """Within the derived bound of the float64 reference, and outside it against a weight whose group 0
+    scales are doubled (the bound is tight enough to see one group's scale)."""
+    k = x.shape[1]
+    ref, mag_split, mag_dense = _awq_reference(t, x, group)
+    tol = _awq_tolerance(cfg, ref, mag_split, mag_dense, dtype, k, group, split)
+    err = (y.double() - ref).abs()
+    assert torch.isfinite(y).all() and (err <= tol).all(), f"max err/tol {(err / tol).max():.3g}"
+    bad = t["weight_scale"].clone()
+    bad[0] *= 2
+    ref_bad = _awq_reference(t, x, group, scale=bad)[0]
+    assert ((y.double() - ref_bad).abs() > tol).any()
+    return tol
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("m", (1, 2, 7, 16, 17, 255) if GPU else (1, 7, 17))
 @pytest.mark.parametrize("split", [1, 3])
 def test_awq_within_derived_bound_of_float64_and_kitchen(dtype, group, m, split):
     n, k = (18432, 3072) if GPU else (96, 384)
-    t = _on_device(awq_tensors(n, k, group_size=group, dtype=dtype, seed=m))
-    x = _input(m, k, dtype, False, seed=m + 1)
-    w = awq_weight(t, group)
-    ref = x.double() @ w.t() + t["bias"].double()
-    mag = awq_magnitude(t, x, group) + t["bias"].double().abs()
-    cfg = dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=split, num_warps=4)
-    y = AWQ.gemv(x, t["weight"], t["weight_scale"], t["weight_zeros"], group, t["bias"], config=cfg)
-    tol = awq_kernel_tolerance(ref, mag, dtype, k, group, split)
-    err = (y.double() - ref).abs()
-    assert torch.isfinite(y).all() and (err <= tol).all(), f"max err/tol {(err / tol).max():.3g}"
-    bad = t["weight_scale"].clone()
-    bad[0] *= 2  # negative control: group 0's scales applied twice must break the bound
-    ref_bad = x.double() @ awq_weight(dict(t, weight_scale=bad), group).t() + t["bias"].double()
-    assert ((y.double() - ref_bad).abs() > tol).any()
+    t, x = _awq_case(n, k, group, dtype, m, seed=m)
+    cfg = dict(AWQ_GEMV, SPLIT_K=split)
+    y = _awq_run(t, x, group, cfg)
+    tol = _assert_awq_bound_and_control(y, t, x, group, cfg, dtype, split)
     eager = eager_awq.gemv_awq_w4a16(x, t["weight"], t["weight_scale"], t["weight_zeros"], t["bias"], group_size=group)
+    mag = _awq_reference(t, x, group)[1]
     assert ((y.double() - eager.double()).abs() <= tol + kernel_tolerance(mag, dtype, k)).all()
 
 
-def test_awq_layer_uses_the_kernel_for_few_rows_only_in_triton_or_auto_mode():
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", list(AWQ_VARIANTS))
+def test_awq_kernel_variants_within_their_derived_bounds(dtype, variant):
+    """Both kernels, both ways of summing x per group, the exact and the rounded-weight arithmetic; rows
+    that fill no tile and columns that are not a multiple of the tile."""
+    cfg = AWQ_VARIANTS[variant]
+    n, k, m = (520, 3072, 300) if GPU else (80, 384, 21)
+    t, x = _awq_case(n, k, 64, dtype, m, seed=len(variant))
+    y = _awq_run(t, x, 64, cfg)
+    split = 1 if cfg.get("GEMM") else AWQ._split(cfg, m, n, k // 64, x.device)
+    _assert_awq_bound_and_control(y, t, x, 64, cfg, dtype, split)
+
+
+def test_awq_rounded_weight_is_outside_the_exact_bound_somewhere():
+    """Control for the bounds above: the exact bound is tight enough to tell the rounded-weight arithmetic
+    apart (on inputs with cancellation), so passing it is evidence of the exact arithmetic."""
+    n, k, m = 64, 384, 16
+    t, x = _awq_case(n, k, 64, torch.bfloat16, m, seed=40)
+    x = x - x.mean(1, keepdim=True)  # rows that cancel against the zero points
+    cfg = dict(AWQ_GEMV, EXACT=False)
+    y = _awq_run(t, x, 64, cfg)
+    ref, mag_split, mag_dense = _awq_reference(t, x, 64)
+    assert ((y.double() - ref).abs() <= kernel_tolerance(mag_dense, torch.bfloat16, k)).all()
+    assert ((y.double() - ref).abs() > awq_kernel_tolerance(ref, mag_split, torch.bfloat16, k, 64, 1)).any()
+
+
+def test_awq_split_k_divides_the_groups_and_fills_the_machine():
+    """Every program sums the same number of groups; PER_SM asks for enough programs per SM."""
+    cpu = torch.device("cpu")
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, PER_SM=8)  # the interpreter counts AWQ.CPU_SMS SMs
+    want = -(-8 * AWQ.CPU_SMS // 3)  # 3 column tiles of 96 columns
+    split = AWQ._split(cfg, 1, 96, 48, cpu)
+    assert 48 % split == 0 and split >= want and all(48 % s for s in range(want, split))
+    assert AWQ._split(dict(cfg, SPLIT_K=5), 1, 96, 48, cpu) == 6  # the next divisor of 48
+    assert AWQ._split(dict(cfg, SPLIT_K=100), 1, 96, 48, cpu) == 48
+    assert AWQ._config(4096, 96, 48, cpu)["SPLIT_K"] >= 1
+
+
+def test_awq_input_views_are_read_as_their_values():
+    """A view that starts on an odd column, or with an odd row stride, is copied before the kernel reads two
+    columns per 32-bit load; the result is the same as from the contiguous input."""
+    n, k, m = 64, 384, 5
+    t, x = _awq_case(n, k, 64, torch.bfloat16, m, seed=7)
+    wide = torch.zeros(m, k + 3, dtype=x.dtype, device=x.device)
+    wide[:, 1:k + 1] = x
+    view = wide[:, 1:k + 1]
+    assert view.data_ptr() % 4 and view.stride(0) % 2
+    y, y_view = _awq_run(t, x, 64, AWQ_GEMV), _awq_run(t, view, 64, AWQ_GEMV)
+    assert_same_arithmetic(y_view, y, _assert_awq_bound_and_control(y, t, x, 64, AWQ_GEMV, torch.bfloat16, 1))
+
+
+def test_awq_layer_uses_the_project_kernel_in_triton_mode_and_on_hopper_in_auto():
     t = awq_tensors(N, K, dtype=torch.bfloat16, seed=2)
     lin = _layer(t, N, K)
-    x = _input(2, K, torch.bfloat16, False, seed=4)
-    t = _on_device(t)
-    ref = x.double() @ awq_weight(t, 64).t() + t["bias"].double()
-    split = AWQ._config(2, N, K // 64, DEVICE)["SPLIT_K"]
-    tol = awq_kernel_tolerance(ref, awq_magnitude(t, x, 64) + t["bias"].double().abs(), torch.bfloat16, K, 64, split)
-    with kernels.forced("triton"):
-        assert kernels.awq_kernel(DEVICE, 2) is AWQ
-        y = lin(x)
-        assert ((y.double() - ref).abs() <= tol).all()
-        assert_same_arithmetic(y, AWQ.linear(x, lin.weight, lin.bias), tol)
-    with kernels.forced("kitchen"):
-        assert kernels.awq_kernel(DEVICE, 2) is None
-    with kernels.forced("auto"):
-        assert (kernels.awq_kernel(DEVICE, 2) is AWQ) == (GPU and torch.cuda.get_device_capability()[0] == 9)
-        assert kernels.awq_kernel(DEVICE, kernels.AWQ_AUTO_MAX_ROWS + 1) is None
+    for rows in (2, 40):
+        x = _input(rows, K, torch.bfloat16, False, seed=4)
+        td = _on_device(t)
+        ref, mag_split, mag_dense = _awq_reference(td, x, 64)
+        cfg = AWQ._config(rows, N, K // 64, DEVICE)
+        tol = _awq_tolerance(cfg, ref, mag_split, mag_dense, torch.bfloat16, K, 64, cfg["SPLIT_K"])
+        with kernels.forced("triton"):
+            assert kernels.awq_kernel(DEVICE, rows) is AWQ
+            y = lin(x)
+            assert ((y.double() - ref).abs() <= tol).all()
+            assert_same_arithmetic(y, AWQ.linear(x, lin.weight, lin.bias), tol)
+        with kernels.forced("kitchen"):
+            assert kernels.awq_kernel(DEVICE, rows) is None
+    hopper = GPU and torch.cuda.get_device_capability()[0] == 9
+    with kernels.forced("auto"):  # every M on Hopper (kitchen's fused path took 2.3 ms at M = 256)
+        assert all((kernels.awq_kernel(DEVICE, rows) is AWQ) == hopper for rows in (1, 16, 17, 256, 4096))
 
 
 def test_kernel_mode_is_checked():
@@ -277,17 +374,14 @@ def test_kernels_are_deterministic_at_full_size():
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 16, 64, 1024])
-def test_awq_bit_trick_codes_are_the_same_arithmetic(dtype, m):
-    """codes − 8 set into the significand of 128 (bf16) / 1024 (fp16) and subtracted: the same values as
-    the converted ones, so the same output bit for bit, also at GEMM tiles (M > 16), within the bound."""
+def test_awq_asm_and_plain_codes_are_the_same_arithmetic(dtype, m):
+    """codes − 8 by lop3 + packed FMA (inline PTX) or through the fp32 significand: the same values, so the
+    same output bit for bit, for the tiles ``CONFIGS`` picks and for the other kernel's, within the bound."""
     n, k = 18432, 3072
-    t = _on_device(awq_tensors(n, k, dtype=dtype, seed=m))
-    x = _input(m, k, dtype, False, seed=m + 3)
-    cfg = AWQ._config(m, n, k // 64, DEVICE)
-    args = (x, t["weight"], t["weight_scale"], t["weight_zeros"], 64, t["bias"])
-    y = AWQ.gemv(*args, config=dict(cfg, BITS=True))
-    assert torch.equal(y, AWQ.gemv(*args, config=dict(cfg, BITS=False)))
-    ref = x.double() @ awq_weight(t, 64).t() + t["bias"].double()
-    tol = awq_kernel_tolerance(ref, awq_magnitude(t, x, 64) + t["bias"].double().abs(), dtype, k, 64,
-                               cfg["SPLIT_K"])
-    assert ((y.double() - ref).abs() <= tol).all()
+    t, x = _awq_case(n, k, 64, dtype, m, seed=m + 2)
+    own = AWQ._config(m, n, k // 64, DEVICE)
+    other = dict(AWQ.CONFIGS[16], SPLIT_K=1) if own.get("GEMM") else dict(AWQ.CONFIGS[max(AWQ.CONFIGS)])
+    for cfg in (own, other):
+        y = _awq_run(t, x, 64, dict(cfg, ASM=True))
+        assert torch.equal(y, _awq_run(t, x, 64, dict(cfg, ASM=False)))
+        _assert_awq_bound_and_control(y, t, x, 64, cfg, dtype, cfg.get("SPLIT_K", 1))

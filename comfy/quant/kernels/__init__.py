@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 ENV = "COMFY_INT4_KERNELS"
 MODES = ("auto", "triton", "kitchen")
-# AWQ rows up to which the project's GEMV kernel is used in auto mode (a 16-row MMA tile; kitchen's
-# fused MMA kernel and dequantize + cuBLAS take larger batches)
+# AWQ rows up to which auto mode runs the project's kernels on Hopper (None: every M, its GEMV kernel for
+# few rows and its GEMM kernel for many; kitchen's fused MMA path took 2.3 ms at M = 256 on the H100).
+# 16 until the GEMM kernel is measured on a GPU.
 AWQ_AUTO_MAX_ROWS = 16
 
 
@@ -135,11 +136,12 @@ def w4a4_kernel(device: torch.device):
 
 def awq_kernel(device: torch.device, rows: int):
     """The module running AWQ W4A16 for ``rows`` input rows on ``device`` (``linear``), or None for kitchen."""
-    return _pick("triton_awq", device, auto_ok=rows <= AWQ_AUTO_MAX_ROWS)
+    return _pick("triton_awq", device, auto_ok=AWQ_AUTO_MAX_ROWS is None or rows <= AWQ_AUTO_MAX_ROWS)
 
 
 def describe(device: torch.device) -> dict:
     """Which kernel each format runs on ``device`` under the current mode (for logs and the benchmark)."""
     return {"mode": _mode,
             "svdquant_w4a4": "triton" if w4a4_kernel(device) else "kitchen",
-            f"awq_w4a16 (<= {AWQ_AUTO_MAX_ROWS} rows)": "triton" if awq_kernel(device, 1) else "kitchen"}
+            "awq_w4a16" + ("" if AWQ_AUTO_MAX_ROWS is None else f" (<= {AWQ_AUTO_MAX_ROWS} rows)"):
+                "triton" if awq_kernel(device, 1) else "kitchen"}
