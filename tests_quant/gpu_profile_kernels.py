@@ -2,6 +2,8 @@
 
     ncu --clock-control none --section SpeedOfLight --section WarpStateStats --section Occupancy \\
         -k regex:'_gemm_kernel|_awq_kernel|_quantize_kernel' -c 3 python3 tests_quant/gpu_profile_kernels.py
+
+With ``--gluon``: only the activation pass and the warp-specialized FP8 GEMM (gluon_w4a4), rank 32.
 """
 import sys
 
@@ -21,6 +23,13 @@ def main():
     ws = torch.rand(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.02
     down = torch.randn(k, 32, device="cuda", dtype=torch.bfloat16) * 0.05
     up = torch.randn(n, 32, device="cuda", dtype=torch.bfloat16) * 0.05
+    if "--gluon" in sys.argv:
+        from comfy.quant.kernels import gluon_w4a4 as G
+        for _ in range(2):
+            q8, s8, la = W.activation(x, smooth, down, False, codes=torch.float8_e4m3fn)
+            G.gemm(q8, s8, m, wq, ws, la, up, None, torch.bfloat16)
+        torch.cuda.synchronize()
+        return
     for _ in range(2):
         q, s = W.quantize(x, smooth, False)
         W.gemm(q, s, m, wq, ws, W.lora_activation(x, down), up, None, torch.bfloat16)

@@ -1,8 +1,8 @@
 """The W4A4 GEMM on FP8 tensor cores and the one-pass activation path.
 
 What each FP8 tile computes, per 64-group g: ``D_g = Σ_k q_x·q_w`` on the tensor cores (e4m3 codes, a
-fresh fp32 accumulator per group), then ``acc ← fma(fl(D_g·w[n]), a[m], acc)`` in fp32. ``emulate``
-below does exactly that in torch (float64 products of fp32 values are exact; the sum is rounded once
+fresh fp32 accumulator per group), then ``acc ← fma(fl(D_g·w[n]), a[m], acc)`` in fp32.
+``fp8_emulation.emulate`` does exactly that in torch (float64 products of fp32 values are exact; the sum is rounded once
 to fp32), so on a GPU the kernel must equal it bit for bit (|D_g| ≤ 64·15·8 < 2¹⁴: exact in the FP8
 accumulator, whose measured precision is ~14 significant bits, formats.md §6), and anywhere it must
 stay within the derived bound of the float64 reference (``reference.w4a4_kernel_tolerance``).
@@ -14,60 +14,13 @@ import torch
 from comfy_kitchen.backends.eager import svdquant as eager_svd
 
 from comfy.quant.packing import pack_int4
-from factories import svdquant_tensors
+from fp8_emulation import GPU, K, N, emulate, fp8_case, natural
 from kernel_env import DEVICE, W4A4, requires_cuda, requires_kernels
 from reference import unpack_nibbles, w4a4_gemm_reference, w4a4_kernel_tolerance
 
 pytestmark = requires_kernels
-GPU = DEVICE.type == "cuda"
 E4M3 = torch.float8_e4m3fn
-K, N = (3072, 520) if GPU else (256, 48)
 ROWS = (1, 300, 4097) if GPU else (5, 70)
-
-
-def _natural(q):
-    """Kernel codes (groups stored even columns then odd) in column order, as float64."""
-    k = q.shape[1]
-    return q.float().view(q.shape[0], k // 64, 2, 32).permute(0, 1, 3, 2).reshape(q.shape[0], k).double()
-
-
-def _truncate(v, bits):
-    """``v`` (float64 integers) truncated toward zero to ``bits`` significant bits (Hopper's FP8 accumulator)."""
-    e = torch.floor(torch.log2(v.abs().clamp(min=1)))
-    ulp = torch.exp2(torch.clamp(e - (bits - 1), min=0))
-    return torch.trunc(v / ulp) * ulp
-
-
-def emulate(codes, ascales, wcodes, wscales, group=64, acc_bits=None, scale_shift=0):
-    """fp32 main-path output of the FP8 tile arithmetic. ``codes`` (M, K) and ``wcodes`` (N, K) integer
-    float64, ``ascales`` (K/64, M) fp32, ``wscales`` (K/64, N). ``group``: the length of one fresh
-    accumulator (the kernel: 64); with ``acc_bits`` the accumulator keeps that many significant bits
-    after each 32-long MMA step; ``scale_shift`` applies group g+shift's scales to group g."""
-    m, k = codes.shape
-    acc = torch.zeros(m, wcodes.shape[0], dtype=torch.float32)
-    for g0 in range(0, k, group):
-        d = torch.zeros(m, wcodes.shape[0], dtype=torch.float64)
-        for c in range(g0, g0 + group, 32):  # one MMA k-step
-            d = d + codes[:, c:c + 32] @ wcodes[:, c:c + 32].t()
-            if acc_bits is not None:
-                d = _truncate(d, acc_bits)
-        for s in range(g0 // 64, (g0 + group) // 64):  # the scales of each 64-group in the accumulator
-            gs = (s + scale_shift) % (k // 64)
-            t = (d.float().double() * wscales[gs].float().double()[None, :]).float()
-            if group > 64:  # a longer group has no per-64 scales: its one sum meets the first group's
-                acc = (t.double() * ascales[gs].double()[:, None] + acc.double()).float()
-                break
-            acc = (t.double() * ascales[gs].double()[:, None] + acc.double()).float()
-    return acc
-
-
-def _case(m, dtype, seed, unsigned=False, rank=0):
-    t = svdquant_tensors(N, K, rank, dtype=dtype, seed=seed, act_unsigned=unsigned)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = (torch.randn(m, K, generator=g) * 2).to(dtype)
-    if unsigned:
-        x = torch.nn.functional.gelu(x.float()).to(dtype)
-    return {k: v.to(DEVICE) for k, v in t.items()}, x.to(DEVICE)
 
 
 def _main_bound(codes, ascales, t, x, dtype):
@@ -77,9 +30,9 @@ def _main_bound(codes, ascales, t, x, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_emulated_fp8_tile_is_within_bound_and_the_controls_are_not(dtype):
-    t, x = _case(40, dtype, seed=3)
+    t, x = fp8_case(40, dtype, seed=3)
     q, s = W4A4.quantize(x, t["weight_smooth_factor"], False, codes=E4M3)
-    codes, ascales = _natural(q)[:40].cpu(), s[:, :40].cpu()
+    codes, ascales = natural(q)[:40].cpu(), s[:, :40].cpu()
     wcodes = unpack_nibbles(t["weight"].cpu(), signed=True).double()
     tc = {k: v.cpu() for k, v in t.items()}
     ref, tol = _main_bound(codes, ascales.t(), tc, x.cpu(), dtype)
@@ -111,10 +64,10 @@ def test_a_256_long_group_in_one_fp8_accumulator_is_not_exact():
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("unsigned,rank", [(False, 0), (True, 32), (False, 160)])
 def test_fp8_gemm_within_derived_bound_and_same_as_int8_gemm(dtype, m, unsigned, rank):
-    t, x = _case(m, dtype, seed=m, unsigned=unsigned, rank=rank)
+    t, x = fp8_case(m, dtype, seed=m, unsigned=unsigned, rank=rank)
     q8, s8, la = W4A4.activation(x, t["weight_smooth_factor"], t["weight_proj_down"], unsigned, codes=E4M3)
     y = W4A4.gemm(q8, s8, m, t["weight"], t["weight_scale"], la, t["weight_proj_up"], t["bias"], dtype)
-    codes, ascales = _natural(q8)[:m], s8[:, :m].t()
+    codes, ascales = natural(q8)[:m], s8[:, :m].t()
     ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(codes, ascales, t, x, t["bias"])
     tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, dtype, K, rank)
     err = (y.double() - ref).abs()
@@ -134,11 +87,11 @@ def test_fp8_gemm_within_derived_bound_and_same_as_int8_gemm(dtype, m, unsigned,
 @requires_cuda
 @pytest.mark.parametrize("m", [1, 300, 4096])
 def test_fp8_kernel_is_bit_equal_to_the_emulation(m):
-    t, x = _case(m, torch.bfloat16, seed=7 + m)
+    t, x = fp8_case(m, torch.bfloat16, seed=7 + m)
     q8, s8 = W4A4.quantize(x, t["weight_smooth_factor"], False, codes=E4M3)
     y = W4A4.gemm(q8, s8, m, t["weight"], t["weight_scale"], None, t["weight_proj_up"], None, torch.float32)
     wcodes = unpack_nibbles(t["weight"].cpu(), signed=True).double()
-    emu = emulate(_natural(q8)[:m].cpu(), s8[:, :m].cpu(), wcodes, t["weight_scale"].cpu())
+    emu = emulate(natural(q8)[:m].cpu(), s8[:, :m].cpu(), wcodes, t["weight_scale"].cpu())
     assert torch.equal(y.cpu(), emu)
 
 
@@ -152,7 +105,7 @@ SPLIT = ((0, 64, False), (64, 192, True), (192, 256, False))
 def test_one_pass_activation_equals_quantize_and_kitchen(dtype, parts, m, k_split):
     """Codes and scales bit-identical to ``quantize`` (itself bit-identical to kitchen's eager quantizer,
     test_kernels), also where bf16 divides fast; the low-rank input within its fp32-accumulation bound."""
-    t, x = _case(m, dtype, seed=11 + m, rank=48)
+    t, x = fp8_case(m, dtype, seed=11 + m, rank=48)
     if parts == SPLIT:
         parts = tuple((a * K // 256, b * K // 256, u) for a, b, u in SPLIT)
     cfg = dict(W4A4.ACT_CONFIG, K_SPLIT=k_split)
@@ -163,7 +116,7 @@ def test_one_pass_activation_equals_quantize_and_kitchen(dtype, parts, m, k_spli
         x_main = x + 0.171875 if parts else x
         kq, ks, _ = eager_svd.quantize_svdquant_w4a4(x_main, t["weight_smooth_factor"], t["weight_proj_down"][:, :1],
                                                      act_unsigned=parts, lora_x=x)
-        assert torch.equal(pack_int4(_natural(q).long()), kq) and torch.equal(s.to(dtype), ks)
+        assert torch.equal(pack_int4(natural(q).long()), kq) and torch.equal(s.to(dtype), ks)
     q8, s8, _ = W4A4.activation(x, t["weight_smooth_factor"], t["weight_proj_down"], parts, codes=E4M3, config=cfg)
     assert q8.dtype == E4M3 and torch.equal(q8.float(), q.float()) and torch.equal(s8, s)
     ref = x.double() @ t["weight_proj_down"].double()
@@ -175,7 +128,7 @@ def test_one_pass_activation_equals_quantize_and_kitchen(dtype, parts, m, k_spli
 
 
 def test_rank_zero_gives_no_low_rank_input():
-    t, x = _case(5, torch.bfloat16, seed=1)
+    t, x = fp8_case(5, torch.bfloat16, seed=1)
     q, s, la = W4A4.activation(x, t["weight_smooth_factor"], t["weight_proj_down"], False)
     assert la is None and q.shape == (256, K)
 
@@ -194,7 +147,7 @@ def test_layer_forward_through_each_switch_is_the_same_function(monkeypatch, fus
     """The forward's path (int8 or FP8 GEMM, two passes or one over x) changes no code and no scale, and
     the output stays within the same bound (bit-equal on a GPU: the same arithmetic)."""
     m, dtype = 33, torch.bfloat16
-    t, x = _case(m, dtype, seed=2, rank=32)
+    t, x = fp8_case(m, dtype, seed=2, rank=32)
     monkeypatch.setattr(W4A4, "FUSED_ACTIVATION", fused)
     monkeypatch.setattr(W4A4, "FP8_GEMM", fp8)
     monkeypatch.setattr(W4A4, "gemm_codes", lambda device: E4M3 if fp8 else torch.int8)
@@ -204,6 +157,6 @@ def test_layer_forward_through_each_switch_is_the_same_function(monkeypatch, fus
         smooth_factor=t["weight_smooth_factor"], act_unsigned=False))()
     y = W4A4.linear(x, weight, t["bias"])
     q, s = W4A4.quantize(x, t["weight_smooth_factor"], False)
-    ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(_natural(q)[:m], s[:, :m].t(), t, x, t["bias"])
+    ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(natural(q)[:m], s[:, :m].t(), t, x, t["bias"])
     tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, dtype, K, 32)
     assert ((y.double() - ref).abs() <= tol).all()
