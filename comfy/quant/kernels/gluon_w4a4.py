@@ -101,10 +101,13 @@ if IMPORT_ERROR is None:
         return warpgroup_mma_wait(num_outstanding=0, deps=[d])
 
     @gluon.jit
-    def _promote(acc, d, as_ptr, ws_ptr, rt, rw_in, g, N, M_pad):
+    def _scales(as_ptr, ws_ptr, rt, rw_in, g, N, M_pad):
+        """Group ``g``'s activation scales (this tile's tokens) and weight scales (its rows), fp32."""
+        return gl.load(as_ptr + g * M_pad + rt), gl.load(ws_ptr + g * N + rw_in).to(gl.float32)
+
+    @gluon.jit
+    def _promote(acc, d, sa, sw):
         """``acc + a·(w·D)``: ``D·w`` rounded once, then one fma (the int8 and FP8 GEMMs' arithmetic)."""
-        sa = gl.load(as_ptr + g * M_pad + rt)
-        sw = gl.load(ws_ptr + g * N + rw_in).to(gl.float32)
         return gl.fma(d * sw[:, None], sa[None, :], acc)
 
     @gluon.jit
@@ -153,9 +156,10 @@ if IMPORT_ERROR is None:
         acc = gl.zeros([64, BT], gl.float32, mma)
         d = gl.zeros([64, BT], gl.float32, mma)
         for g in range(GROUPS):
+            sa, sw = _scales(as_ptr, ws_ptr, rt, rw_in, g, N, M_pad)  # loads in flight during the MMA
             d = _group_mma(a_even, a_odd, w_lo, w_hi, ready, converted, g, WG, d, STAGES)
             mbarrier.arrive(empty.index(g % STAGES), count=1)
-            acc = _promote(acc, d, as_ptr, ws_ptr, rt, rw_in, g, N, M_pad)
+            acc = _promote(acc, d, sa, sw)
         if R_BLOCKS > 0:
             acc = _low_rank(acc, la_ptr, up_ptr, up_smem.index(WG), la_smem.index(WG), rt, rw_in, M, R, R0, C1,
                             stride_la, stride_up, R_BLOCKS)
