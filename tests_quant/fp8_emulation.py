@@ -9,6 +9,7 @@ import torch
 
 from factories import svdquant_tensors
 from kernel_env import DEVICE
+from reference import w4a4_gemm_reference, w4a4_kernel_tolerance
 
 E4M3 = torch.float8_e4m3fn
 GPU = DEVICE.type == "cuda"
@@ -59,3 +60,19 @@ def fp8_case(m, dtype, seed, unsigned=False, rank=0):
     if unsigned:
         x = torch.nn.functional.gelu(x.float()).to(dtype)
     return {k: v.to(DEVICE) for k, v in t.items()}, x.to(DEVICE)
+
+
+def check_against_float64(y, q8, s8, t, x, dtype, rank):
+    """``y`` (a GEMM's output on e4m3 codes ``q8``, scales ``s8``) within the derived bound of the float64
+    reference (``reference.w4a4_kernel_tolerance``), and outside it once one group's weight scales are
+    doubled (the negative control). Returns the bound."""
+    m = y.shape[0]
+    codes, ascales = natural(q8)[:m], s8[:, :m].t()
+    ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(codes, ascales, t, x, t["bias"])
+    tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, dtype, K, rank)
+    err = (y.double() - ref).abs()
+    assert torch.isfinite(y).all() and (err <= tol).all(), f"max err/tol {(err / tol).max():.3g}"
+    t_bad = dict(t, weight_scale=t["weight_scale"].clone())
+    t_bad["weight_scale"][1] *= 2
+    assert ((y.double() - w4a4_gemm_reference(codes, ascales, t_bad, x, t["bias"])[0]).abs() > tol).any()
+    return tol

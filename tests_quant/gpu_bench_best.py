@@ -8,8 +8,6 @@ Gluon GEMM), turns on the fastest path's switches in ``triton_w4a4``, says which
 """
 import sys
 
-import torch
-
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 

@@ -23,14 +23,19 @@ from comfy.quant.kernels import triton_w4a4 as W  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def _report(ck) -> dict:
+def _cuobjdump(ck, flag: str) -> str:
+    """``cuobjdump FLAG`` of the compiled kernel's cubin (Triton ships the tool)."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(ck.asm["cubin"])
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        res = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+        return subprocess.run([tool, flag, path], capture_output=True, text=True).stdout
+
+
+def _report(ck) -> dict:
+    res = _cuobjdump(ck, "--dump-resource-usage")
+    sass = _cuobjdump(ck, "-sass")
     regs = re.search(r"REG:(\d+)", res)
     stack = re.search(r"STACK:(\d+)", res)
     ops = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "QGMMA", "IGMMA", "HMMA", "IMMA", "I2F", "F2F",
@@ -145,12 +150,7 @@ def awq(m: int, n: int = 18432, k: int = 3072, split: int = 1, loop: bool = Fals
 
 def _loop_body(ck) -> list[str]:
     """Opcodes of the largest loop in the SASS (the code between a backward branch and its target)."""
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(ck.asm["cubin"])
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+    sass = _cuobjdump(ck, "-sass")
     ins = [(int(a, 16), op, rest) for a, op, rest in
            re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);", sass)]
     best: list[str] = []

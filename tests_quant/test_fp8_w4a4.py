@@ -14,7 +14,7 @@ import torch
 from comfy_kitchen.backends.eager import svdquant as eager_svd
 
 from comfy.quant.packing import pack_int4
-from fp8_emulation import GPU, K, N, emulate, fp8_case, natural
+from fp8_emulation import GPU, K, check_against_float64, emulate, fp8_case, natural
 from kernel_env import DEVICE, W4A4, requires_cuda, requires_kernels
 from reference import unpack_nibbles, w4a4_gemm_reference, w4a4_kernel_tolerance
 
@@ -67,14 +67,7 @@ def test_fp8_gemm_within_derived_bound_and_same_as_int8_gemm(dtype, m, unsigned,
     t, x = fp8_case(m, dtype, seed=m, unsigned=unsigned, rank=rank)
     q8, s8, la = W4A4.activation(x, t["weight_smooth_factor"], t["weight_proj_down"], unsigned, codes=E4M3)
     y = W4A4.gemm(q8, s8, m, t["weight"], t["weight_scale"], la, t["weight_proj_up"], t["bias"], dtype)
-    codes, ascales = natural(q8)[:m], s8[:, :m].t()
-    ref, mag_main, mag_low, mag_la = w4a4_gemm_reference(codes, ascales, t, x, t["bias"])
-    tol = w4a4_kernel_tolerance(ref, mag_main, mag_low, mag_la, dtype, K, rank)
-    err = (y.double() - ref).abs()
-    assert torch.isfinite(y).all() and (err <= tol).all(), f"max err/tol {(err / tol).max():.3g}"
-    t_bad = dict(t, weight_scale=t["weight_scale"].clone())
-    t_bad["weight_scale"][1] *= 2  # negative control: one group's scales doubled
-    assert ((y.double() - w4a4_gemm_reference(codes, ascales, t_bad, x, t["bias"])[0]).abs() > tol).any()
+    tol = check_against_float64(y, q8, s8, t, x, dtype, rank)  # and the doubled-scale negative control
     # the int8 GEMM on the same codes: the same arithmetic (bit-equal on a GPU)
     q, s = W4A4.quantize(x, t["weight_smooth_factor"], unsigned)
     y_int8 = W4A4.gemm(q, s, m, t["weight"], t["weight_scale"], la, t["weight_proj_up"], t["bias"], dtype)
