@@ -19,7 +19,6 @@ same code on the CPU under Triton's interpreter at toy shapes (wall-clock times,
 the script, not the kernels' speed.
 """
 import argparse
-import json
 import math
 import multiprocessing
 import os
@@ -36,6 +35,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests_quant"))
 
 from comfy.quant.kernels import triton_awq as A  # noqa: E402
+from gpu_hopper_bench import run_info, save_rows  # noqa: E402
 from reference import awq_kernel_tolerance, awq_magnitude, awq_weight, kernel_tolerance  # noqa: E402
 
 SHAPES = [(18432, 3072), (3072, 3072)]  # (N, K)
@@ -306,9 +306,9 @@ def main():
     if args.cpu_smoke:
         DEVICE, SHAPES, rows_m = torch.device("cpu"), [(96, 384), (48, 384)], (1, 7, 33)
     t_start = time.time()
-    info = {"device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu (interpreter)",
-            "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    info = run_info()
+    if DEVICE.type != "cuda":
+        info["device"] = "cpu (interpreter)"
     if DEVICE.type == "cuda":
         tasks = [(n, k, m, cfg) for n, k in SHAPES for m in rows_m for cfg in candidates(m)]
         info["compile_s"] = precompile(tasks, args.jobs)
@@ -325,8 +325,7 @@ def main():
         print("}")
         rows.append({"op": "configs", "configs": {str(m): c for m, c in configs.items()}})
     finally:
-        with open(os.path.join(args.out, "awq_sweep.json"), "w") as f:
-            json.dump(rows, f, default=str)
+        save_rows(os.path.join(args.out, "awq_sweep.json"), rows)
         print(f"total {time.time() - t_start:.0f} s", flush=True)
 
 

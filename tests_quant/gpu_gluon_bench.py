@@ -7,9 +7,7 @@ the Gluon GEMM (rank-32 low-rank branch and bias, bf16 out), and the whole layer
 + GEMM). Before timing: the Gluon GEMM bit-equal to the Triton FP8 GEMM without a low-rank branch (fp32
 out, the same arithmetic), and within 2 bf16 ulps of it with one. ``--sweep`` times pipeline depths.
 """
-import json
 import sys
-import time
 
 import torch
 import triton
@@ -19,7 +17,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 from comfy.quant.kernels import gluon_w4a4 as G  # noqa: E402
 from comfy.quant.kernels import triton_w4a4 as W  # noqa: E402
-from gpu_hopper_bench import E4M3, SHAPES, us, w4a4_case, yardsticks  # noqa: E402
+from gpu_hopper_bench import E4M3, SHAPES, run_info, save_rows, us, w4a4_case, yardsticks  # noqa: E402
 
 
 def check(c, m):
@@ -72,8 +70,7 @@ def rows_for(m, k, n, sweep):
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "config": G.CONFIG}
+    info = run_info(config=G.CONFIG)
     print(info, flush=True)
     rows = [info]
     try:
@@ -81,8 +78,7 @@ def main():
             rows += rows_for(m, k, n, "--sweep" in sys.argv)
     finally:
         if args:
-            with open(f"{args[0]}/gluon_bench.json", "w") as f:
-                json.dump(rows, f, default=str)
+            save_rows(f"{args[0]}/gluon_bench.json", rows)
 
 
 if __name__ == "__main__":

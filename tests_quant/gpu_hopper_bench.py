@@ -177,11 +177,22 @@ def awq_rows(rows, sweep):
               + (f" | best {row['best_tile'][0]:.1f} {row['best_tile'][1]}" if "best_tile" in row else ""), flush=True)
 
 
+def run_info(**extra) -> dict:
+    """The first row of a GPU tool's JSON: device (the CPU when there is none), versions, date, ``extra``."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
+    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **extra}
+
+
+def save_rows(path, rows) -> None:
+    with open(path, "w") as f:
+        json.dump(rows, f, default=str)
+
+
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     sweep = "--sweep" in sys.argv
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "copy_TBps": copy_tbps()}
+    info = run_info(copy_TBps=copy_tbps())
     print(info, flush=True)
     rows = [info]
     try:
@@ -189,8 +200,7 @@ def main():
         awq_rows(rows, sweep)
     finally:
         if args:
-            with open(f"{args[0]}/hopper_bench.json", "w") as f:
-                json.dump(rows, f, default=str)
+            save_rows(f"{args[0]}/hopper_bench.json", rows)
 
 
 if __name__ == "__main__":
