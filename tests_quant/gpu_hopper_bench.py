@@ -4,8 +4,8 @@
 
 For each shape: the int8 W4A4 path (``quantize`` + ``x @ proj_down`` + int8 GEMM), the FP8 path (one
 ``activation`` pass + FP8 GEMM), each part alone, cuBLAS bf16 (``F.linear``) and FP8 (``torch._scaled_mm``
-on FP8 copies, per-tensor scales: the GEMM alone), and the device copy bandwidth; AWQ at M = 1..4096
-against bf16 and torch's tinygemm (``_weight_int4pack_mm``). Before timing, the FP8 GEMM is checked
+on FP8 copies, per-tensor scales: the GEMM alone), and the device copy bandwidth (AWQ:
+``gpu_awq_sweep.py``). Before timing, the FP8 GEMM is checked
 bit-equal to the int8 GEMM (the same arithmetic: exact group dots, ``a·(w·D)`` in fp32) and the fused
 activation pass bit-equal to ``quantize``. ``--sweep`` also times tile candidates and prints the best.
 """
@@ -20,7 +20,6 @@ from triton.testing import do_bench
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 
-from comfy.quant.kernels import triton_awq as A  # noqa: E402
 from comfy.quant.kernels import triton_w4a4 as W  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
@@ -133,50 +132,6 @@ def fp8_candidates(m):
     return out + [dict(out[0], SWAP=False), dict(out[2], SWAP=False)]
 
 
-def awq_rows(rows, sweep):
-    n, k = 18432, 3072
-    g = torch.Generator(device="cuda").manual_seed(5)
-    wq = torch.randint(-128, 128, (n, k // 2), dtype=torch.int8, device="cuda", generator=g)
-    scale = torch.rand(k // 64, n, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
-    zeros = torch.randn(k // 64, n, device="cuda", dtype=torch.bfloat16, generator=g) * 0.01
-    nbytes = wq.numel() + 2 * scale.numel() * 2
-    wd = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g)
-    tiny = None
-    try:
-        packed = torch.ops.aten._convert_weight_to_int4pack(
-            torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda", generator=g), 8)
-        sz = torch.rand(k // 64, n, 2, device="cuda", dtype=torch.bfloat16)
-        tiny = (packed, sz)
-    except RuntimeError as e:
-        print(f"tinygemm n/a: {str(e)[:100]}", flush=True)
-    for m in (1, 2, 8, 16, 32, 64, 256, 1024, 4096):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-        bf16 = us(lambda: F.linear(x, wd))
-        t = us(lambda: A.gemv(x, wq, scale, zeros, 64, None))
-        cfg_bits = dict(A._config(m, n, k // 64, x.device), BITS=True)
-        t_bits = us(lambda: A.gemv(x, wq, scale, zeros, 64, None, config=dict(cfg_bits)))
-        same = torch.equal(A.gemv(x, wq, scale, zeros, 64, None), A.gemv(x, wq, scale, zeros, 64, None,
-                                                                          config=dict(cfg_bits)))
-        row = {"op": "awq", "M": m, "us": t, "us_bits": t_bits, "bits_equal": same, "bf16": bf16,
-               "GBps": nbytes / t / 1e3, "config": A._config(m, n, k // 64, x.device)}
-        if tiny is not None and m <= 16:
-            row["tinygemm"] = us(lambda: torch.ops.aten._weight_int4pack_mm(x, tiny[0], 64, tiny[1]))
-        if sweep and m in (64, 1024, 4096):
-            best = None
-            for bm, bn, w in ((64, 128, 4), (128, 64, 8), (128, 128, 8), (64, 64, 4)):
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1, num_warps=w, num_stages=3, BITS=True)
-                tt = us(lambda: A.gemv(x, wq, scale, zeros, 64, None, config=dict(cfg)))
-                rows.append({"op": "awq_tile", "M": m, **cfg, "us": tt})
-                if best is None or tt < best[0]:
-                    best = (tt, cfg)
-            row["best_tile"] = best
-        rows.append(row)
-        print(f"AWQ M={m}: {t:.1f} us ({row['GBps']:.0f} GB/s), bit codes {t_bits:.1f} (equal {same}); bf16 "
-              f"{bf16:.1f} bf16/int4 {bf16 / min(t, t_bits):.2f}"
-              + (f" tinygemm {row['tinygemm']:.1f}" if "tinygemm" in row else "")
-              + (f" | best {row['best_tile'][0]:.1f} {row['best_tile'][1]}" if "best_tile" in row else ""), flush=True)
-
-
 def run_info(**extra) -> dict:
     """The first row of a GPU tool's JSON: device (the CPU when there is none), versions, date, ``extra``."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
@@ -197,7 +152,6 @@ def main():
     rows = [info]
     try:
         w4a4_rows(rows, sweep)
-        awq_rows(rows, sweep)
     finally:
         if args:
             save_rows(f"{args[0]}/hopper_bench.json", rows)

@@ -3,9 +3,9 @@
     PYTHONPATH=$PWD/.gpu-site:/tmp/site python3 tests_quant/gpu_kernel_sweep.py [OUT_DIR] [--all]
 
 Times each candidate configuration of the W4A4 GEMM (quantized activation given), the activation
-quantization, the low-rank input and the AWQ GEMV at the benchmark's shapes, with bf16 and FP8 GEMMs
+quantization and the low-rank input at the benchmark's shapes (AWQ: ``gpu_awq_sweep.py``), with bf16 and FP8 GEMMs
 of the same shapes as yardsticks, and prints the best configuration per shape. The chosen tables in
-``triton_w4a4._config`` / ``triton_awq._config`` come from this output (docs/benchmarks.md).
+``triton_w4a4._config`` comes from this output (docs/benchmarks.md).
 """
 import itertools
 import json
@@ -19,7 +19,6 @@ from triton.testing import do_bench
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 
-from comfy.quant.kernels import triton_awq as A  # noqa: E402
 from comfy.quant.kernels import triton_w4a4 as W  # noqa: E402
 
 
@@ -62,41 +61,6 @@ def quant_sweep(rows):
         print(f"quantize {m}x{k}: best {best[k][0]:.1f} us ({nbytes / best[k][0] / 1e3:.0f} GB/s) {best[k][1]}",
               flush=True)
     return best[3072][1]
-
-
-def awq_sweep(rows):
-    n, k = 18432, 3072
-    wq = rand_codes(n, k)
-    scale = torch.rand(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.02
-    zeros = torch.randn(k // 64, n, device="cuda", dtype=torch.bfloat16) * 0.01
-    nbytes = wq.numel() + 2 * scale.numel() * 2
-    for m in (1, 2, 8, 16, 256):
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        base = yardsticks(m, k, n)
-        grid = []
-        if m <= 8:
-            grid += [dict(KERNEL="fma", BLOCK_M=triton.next_power_of_2(m), BLOCK_N=bn, SPLIT_K=sp, GPI=gpi,
-                          num_warps=w, num_stages=3)
-                     for bn, sp, gpi, w in itertools.product((64, 128), (4, 8), (2, 4), (4, 8))]
-        if m <= 16:
-            grid += [dict(KERNEL="dot", BLOCK_M=16, BLOCK_N=bn, SPLIT_K=sp, num_warps=4, num_stages=3)
-                     for bn, sp in itertools.product((64, 128), (4, 8, 16))]
-        else:
-            grid += [dict(KERNEL="dot", BLOCK_M=bm, BLOCK_N=bn, SPLIT_K=1, num_warps=w, num_stages=3)
-                     for bm, bn, w in itertools.product((32, 64, 128), (64, 128), (4, 8))]
-        best = None
-        for c in grid:
-            try:
-                t = us(lambda: A.gemv(x, wq, scale, zeros, 64, None, config=c))
-            except Exception as e:
-                print(f"  skip {c}: {type(e).__name__}: {str(e)[:80]}")
-                continue
-            rows.append({"op": "awq", "M": m, "K": k, "N": n, **c, "us": t, "GBps": nbytes / t / 1e3, **base})
-            if best is None or t < best[0]:
-                best = (t, c)
-        print(f"AWQ M={m}: best {best[0]:.1f} us ({nbytes / best[0] / 1e3:.0f} GB/s) {best[1]}; bf16 {base['bf16']:.1f} "
-              f"fp8 {base['fp8']:.1f}; bf16/int4 {base['bf16'] / best[0]:.2f}", flush=True)
-        rows.append({"op": "awq_best", "M": m, "us": best[0], "config": best[1], **base})
 
 
 def w4a4_sweep(rows, qcfg):
@@ -152,7 +116,6 @@ def main():
     qcfg = W.QUANT_CONFIG
     if "--all" in sys.argv:
         qcfg = quant_sweep(rows)
-        awq_sweep(rows)
     w4a4_sweep(rows, qcfg)
     if out:
         with open(f"{out}/sweep.json", "w") as f:

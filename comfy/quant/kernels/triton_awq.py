@@ -336,7 +336,7 @@ def gemv(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zeros: torch
     cfg = dict(CPU_CONFIG if x.device.type != "cuda" else _bucket(m)) if config is None else dict(config)
     cfg.setdefault("EXACT", True)
     cfg.setdefault("XSUM_MMA", True)
-    asm = cfg.pop("ASM", cfg.pop("BITS", True)) and not INTERPRETED  # inline PTX does not run in the interpreter
+    asm = cfg.pop("ASM", True) and not INTERPRETED  # inline PTX does not run in the interpreter
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     args = (x, qdata, scale, zeros, y if bias is None else bias)
     consts = dict(K=k, G=group, HAS_BIAS=bias is not None, ASM=asm, DOT_F32=INTERPRETED)
