@@ -106,6 +106,7 @@ def unavailable_reason(name: str) -> str | None:
 
 
 def _hopper(device: torch.device) -> bool:
+    """Whether ``device`` is a Hopper GPU (compute capability 9.x)."""
     if device.type != "cuda":
         return False
     return _capability_major(torch.cuda.current_device() if device.index is None else device.index) == 9

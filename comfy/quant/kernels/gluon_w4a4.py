@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.compiler.errors
 
+from comfy.quant import kernels
 from comfy.quant.kernels import triton_w4a4 as W
 
 logger = logging.getLogger(__name__)
@@ -218,8 +219,7 @@ def ready() -> bool:
     if IMPORT_ERROR is not None:
         logger.info("Gluon unavailable (%s): the W4A4 GEMM uses the Triton kernels", IMPORT_ERROR)
         return False
-    version = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
-    if version != GLUON_TRITON:
+    if W.triton_version() != GLUON_TRITON:
         logger.info("Triton %s: the warp-specialized W4A4 GEMM is written for Triton %s's Gluon; using the "
                     "Triton kernels", triton.__version__, ".".join(map(str, GLUON_TRITON)))
         return False
@@ -279,11 +279,6 @@ COMPILE_ERRORS = (triton.compiler.errors.CompilationError,)
 def takes(q: torch.Tensor, weight: torch.Tensor, wscales: torch.Tensor) -> bool:
     """Whether ``gemm`` takes this call: e4m3 codes on a Hopper GPU with Triton 3.6's Gluon (that compiled
     the kernel, once tried), and the TMA tiles' 16-byte alignment."""
-    return (q.dtype == torch.float8_e4m3fn and q.is_cuda and not _REFUSED and ready() and _hopper(q.device.index)
+    return (q.dtype == torch.float8_e4m3fn and q.is_cuda and not _REFUSED and ready() and kernels._hopper(q.device)
             and q.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and weight.stride(0) % 16 == 0
             and wscales.is_contiguous())
-
-
-@functools.lru_cache(maxsize=None)
-def _hopper(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index)[0] == 9

@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from comfy.quant import kernels
+
 logger = logging.getLogger(__name__)
 
 GROUP = 64
@@ -618,20 +620,18 @@ def gemm_codes(device: torch.device) -> torch.dtype:
     was written for, once ``FP8_GEMM`` is on; int8 (the int8 GEMM) elsewhere."""
     if not FP8_GEMM or device.type != "cuda" or not _fp8_ready():
         return torch.int8
-    index = torch.cuda.current_device() if device.index is None else device.index
-    return torch.float8_e4m3fn if _capability_major(index) == 9 else torch.int8
+    return torch.float8_e4m3fn if kernels._hopper(device) else torch.int8
 
 
-@functools.lru_cache(maxsize=None)
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def triton_version() -> tuple[int, ...]:
+    """This Triton's (major, minor)."""
+    return tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
 
 
 @functools.lru_cache(maxsize=None)
 def _fp8_ready() -> bool:
     """Whether this Triton has what the FP8 GEMM uses as written (3.6: host-side TMA descriptors, e4m3 dots)."""
-    version = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
-    if version != FP8_TRITON:
+    if triton_version() != FP8_TRITON:
         logger.info("Triton %s: the W4A4 FP8 GEMM is written for Triton %s; using the int8 GEMM",
                     triton.__version__, ".".join(map(str, FP8_TRITON)))
         return False
